@@ -1,0 +1,69 @@
+"""Adapter chains: rebuild base -> SFT -> DPO from run directories, merged or not.
+
+Each stage's adapter was trained on top of the previous stages merged into the base weights
+(DPO trains a fresh LoRA on the merged SFT model, so that "adapters disabled" is the SFT model
+and TRL's reference log-probs are the SFT model's). Rebuilding therefore merges the adapters
+in order. Used by DPO (its starting model), export and eval.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+
+from finetune import modeling, runs
+from finetune.errors import UserError
+from finetune.recipe import ModelSection
+
+log = logging.getLogger("finetune")
+
+
+def adapter_dirs(run: runs.Run) -> list[Path]:
+    """The run directories of every adapter in the chain, oldest first."""
+    return [Path(link["run"]) for link in run.chain if link["kind"] != "base"]
+
+
+def load_chain(run: runs.Run, dtype: str | None = None, keep_last: bool = False):
+    """The base model with the chain's adapters merged in order.
+
+    With keep_last, the last adapter stays an unmerged PeftModel (the reference that export
+    compares its merged weights against).
+    """
+    section = ModelSection(**{**run.recipe.model.__dict__})
+    if dtype:
+        section.dtype = dtype
+    model = modeling.load_model(section)
+    dirs = adapter_dirs(run)
+    for i, path in enumerate(dirs):
+        if not (path / "adapter_config.json").is_file():
+            raise UserError(f"{path}: no adapter_config.json; the run chain of {run.path} is incomplete")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PEFT warns about pattern keys it matched on parameters
+            model = PeftModel.from_pretrained(model, str(path))
+        if keep_last and i == len(dirs) - 1:
+            break
+        model = model.merge_and_unload()
+    model.eval()
+    return model
+
+
+def load_for_inference(name: str, dtype: str = "float32"):
+    """(model, tokenizer) from a run directory, an exported checkpoint, or a base model/hub id."""
+    if runs.is_run(name):
+        run = runs.read_run(name)
+        model = load_chain(run, dtype=dtype)
+        tokenizer = modeling.load_tokenizer(ModelSection(name_or_path=str(run.path)))
+        return model, tokenizer
+    section = ModelSection(name_or_path=name, dtype=dtype)
+    model = modeling.load_model(section)
+    model.eval()
+    return model, modeling.load_tokenizer(section)
+
+
+@torch.no_grad()
+def probe_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=input_ids).logits.float()

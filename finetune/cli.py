@@ -1,0 +1,141 @@
+"""The `finetune` command: validate, sft, dpo, export, eval, routing.
+
+    finetune validate recipes/tiny-moe/sft.yaml
+    finetune sft recipes/tiny-moe/sft.yaml
+    finetune dpo recipes/tiny-moe/dpo.yaml
+    finetune export runs/tiny-moe/dpo --output exports/tiny-moe-instruct
+    finetune eval exports/tiny-moe-instruct --data data/tiny-tasks/test.jsonl
+    finetune pipeline recipes/tiny-moe --eval-data data/tiny-tasks/test.jsonl
+    finetune routing runs/tiny-moe/dpo --data data/tiny-tasks/test.jsonl --compare model/tiny-moe
+
+User errors print what, where and how to fix, and exit with status 2 (no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from finetune.errors import CheckFailed, UserError
+
+EXIT_USER_ERROR = 2
+
+
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="path to a recipe YAML file")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+        help="override a recipe value (YAML syntax), e.g. --set sft.learning_rate=1e-4; repeatable",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="finetune", description="SFT, DPO and export for Mixture-of-Experts instruct models.")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and the final summary")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate", help="check a recipe without training (instant, no weights loaded)")
+    _add_recipe_args(p)
+    for stage in ("sft", "dpo"):
+        p = sub.add_parser(stage, help=f"run a {stage.upper()} recipe")
+        _add_recipe_args(p)
+        p.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
+
+    p = sub.add_parser("export", help="merge a run's adapter chain into a standalone checkpoint")
+    p.add_argument("run", help="run directory (SFT or DPO)")
+    p.add_argument("--output", required=True, help="directory to write the checkpoint to")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"], help="dtype of the saved weights")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output directory")
+
+    p = sub.add_parser("eval", help="loss, exact-match and preference accuracy of a model, run or export")
+    p.add_argument("model", help="base model (directory or hub id), run directory, or exported checkpoint")
+    p.add_argument("--data", action="append", required=True, help="data file (SFT rows, test prompts with `answer`, or preference pairs); repeatable")
+    p.add_argument("--output", help="write the figures as JSON here")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32)
+
+    p = sub.add_parser("pipeline", help="the whole job: SFT -> DPO -> export -> eval of base, SFT, DPO and export")
+    p.add_argument("recipes", help="directory holding sft.yaml and dpo.yaml, e.g. recipes/tiny-moe")
+    p.add_argument("--eval-data", action="append", required=True, help="data file to score every stage on; repeatable")
+    p.add_argument("--export", dest="export_dir", help="where to export (default exports/<recipes dir name>)")
+    p.add_argument("--export-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a value of the SFT recipe; repeatable")
+    p.add_argument("--overwrite", action="store_true", help="replace earlier outputs of this pipeline")
+
+    p = sub.add_parser("routing", help="routing report: expert load and repeated-expert rates per layer, with plots")
+    p.add_argument("model", help="base model, run directory, or exported checkpoint")
+    p.add_argument("--data", action="append", required=True, help="data file; each file (or its `source` column) is a data source; repeatable")
+    p.add_argument("--compare", help="a second model/run to compare against (e.g. the base model)")
+    p.add_argument("--output", required=True, help="report directory")
+    p.add_argument("--max-rows", type=int, default=256, help="rows per data source (default 256)")
+    return parser
+
+
+def _configure_logging(quiet: bool) -> None:
+    level = logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_warning()
+
+
+def dispatch(args) -> int:
+    from finetune.recipe import read_recipe
+
+    if args.command == "validate":
+        from finetune.validate import check
+
+        checked = check(read_recipe(args.recipe, args.overrides))
+        groups = ", ".join(f"{k} ({', '.join(g.targets)}; r={g.r})" for k, g in checked.plan.groups.items())
+        print(f"{args.recipe}: OK ({checked.stage}; LoRA on {groups}; router {checked.plan.router_policy})")
+        return 0
+    if args.command == "sft":
+        from finetune.stages.sft import run_sft
+
+        run_sft(read_recipe(args.recipe, args.overrides), overwrite=args.overwrite)
+        return 0
+    if args.command == "dpo":
+        from finetune.stages.dpo import run_dpo
+
+        run_dpo(read_recipe(args.recipe, args.overrides), overwrite=args.overwrite)
+        return 0
+    if args.command == "export":
+        from finetune.export import export
+
+        export(args.run, args.output, dtype=args.dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+        return 0
+    if args.command == "eval":
+        from finetune.evaluate import evaluate_cli
+
+        return evaluate_cli(args)
+    if args.command == "pipeline":
+        from finetune.pipeline import run_pipeline
+
+        run_pipeline(args.recipes, args.eval_data, args.export_dir, args.export_dtype, args.overrides, args.overwrite)
+        return 0
+    if args.command == "routing":
+        from finetune.routing.cli import routing_cli
+
+        return routing_cli(args)
+    raise AssertionError(args.command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.quiet)
+    try:
+        return dispatch(args)
+    except UserError as exc:
+        print(exc.render(), file=sys.stderr)
+        return EXIT_USER_ERROR
+    except CheckFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,272 @@
+"""Data: read rows from files or the hub, check each one, and shape them for the trainers.
+
+SFT rows (`messages`, or `prompt`/`completion`) are tokenized here with the chat template and an
+assistant mask. TRL's own assistant-only loss needs `{% generation %}` markers that Mixtral's
+template (and most hub templates) lack, so the mask is computed by rendering each conversation
+prefix and mapping character spans to tokens: it works with any prefix-preserving template.
+Preference rows are checked and normalised here and tokenized by TRL's DPOTrainer.
+
+Every bad row is reported with its file and row number; `data.bad_rows: drop` skips them instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from datasets import Dataset
+
+from finetune.errors import Problem, UserError
+from finetune.recipe import DataSection
+
+log = logging.getLogger(__name__)
+
+LOCAL_SUFFIXES = {".jsonl", ".json", ".parquet"}
+ROLES = {"system", "user", "assistant"}
+
+
+class RowError(Exception):
+    """One row does not fit; the message says what, the caller adds where."""
+
+
+@dataclass
+class Row:
+    source: str
+    number: int
+    """1-based row (line, for JSONL) number within its source."""
+    value: dict
+
+
+@dataclass
+class Report:
+    rows: int = 0
+    dropped: list[Problem] = field(default_factory=list)
+
+
+def read_rows(source: str) -> list[Row]:
+    """All rows of a local .jsonl/.json/.parquet file, or of a hub data set `name[:split]`."""
+    path = Path(source)
+    if path.suffix in LOCAL_SUFFIXES:
+        if not path.is_file():
+            raise UserError(f"data file not found: {source} (relative paths are read from {Path.cwd()})")
+        if path.suffix == ".jsonl":
+            rows = []
+            for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(Row(source, i, json.loads(line)))
+                except json.JSONDecodeError as exc:
+                    raise UserError(f"{source}:{i}: not valid JSON ({exc.msg}, column {exc.colno})") from None
+            return rows
+        if path.suffix == ".json":
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{source}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+            if not isinstance(data, list):
+                raise UserError(f"{source}: expected a JSON list of rows, got {type(data).__name__}")
+            return [Row(source, i, r) for i, r in enumerate(data, start=1)]
+        table = Dataset.from_parquet(str(path))
+        return [Row(source, i, r) for i, r in enumerate(table, start=1)]
+    return _read_hub(source)
+
+
+def _read_hub(source: str) -> list[Row]:
+    from datasets import load_dataset
+
+    name, _, split = source.partition(":")
+    try:
+        table = load_dataset(name, split=split or "train")
+    except Exception as exc:  # datasets raises many types for "not found / offline"
+        raise UserError(
+            f"cannot load `{source}`: it is not a local .jsonl/.json/.parquet file, and the hub data set could not be "
+            f"loaded ({exc.__class__.__name__}: {exc}). Check the path, or download the data set and name the file."
+        ) from None
+    return [Row(source, i, r) for i, r in enumerate(table, start=1)]
+
+
+# ---------------------------------------------------------------- row checks
+
+def check_messages(messages, what: str = "messages", last_role: str | None = "assistant") -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise RowError(f"`{what}` must be a non-empty list of {{role, content}} messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise RowError(f"`{what}[{i}]` must have `role` and `content`")
+        if m["role"] not in ROLES:
+            raise RowError(f"`{what}[{i}].role` is `{m['role']}`; expected one of system, user, assistant")
+        if not isinstance(m["content"], str) or not m["content"].strip():
+            raise RowError(f"`{what}[{i}].content` is empty")
+        out.append({"role": m["role"], "content": m["content"]})
+    turns = out[1:] if out[0]["role"] == "system" else out
+    for i, m in enumerate(turns):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if m["role"] != expected:
+            raise RowError(f"`{what}`: roles must alternate user/assistant (after an optional system); turn {i + 1} is {m['role']}")
+    if last_role and turns and turns[-1]["role"] != last_role:
+        raise RowError(f"`{what}` must end with a {last_role} message")
+    return out
+
+
+def sft_messages(row: dict) -> list[dict] | tuple[str, str]:
+    """Conversational rows -> messages; plain-text prompt/completion -> (prompt, completion)."""
+    if "messages" in row:
+        return check_messages(row["messages"])
+    if "prompt" in row and "completion" in row:
+        prompt, completion = row["prompt"], row["completion"]
+        if isinstance(prompt, str) and isinstance(completion, str):
+            if not prompt.strip() or not completion.strip():
+                raise RowError("`prompt` and `completion` must be non-empty")
+            return prompt, completion
+        if isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        if isinstance(completion, str):
+            completion = [{"role": "assistant", "content": completion}]
+        return check_messages(list(prompt) + list(completion))
+    raise RowError(f"expected `messages` or `prompt` + `completion`; found keys {sorted(row)}")
+
+
+# ---------------------------------------------------------------- SFT tokenization
+
+def _render(tokenizer, messages, **kw) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **kw)
+    except Exception as exc:  # jinja raise_exception() and template errors
+        raise RowError(f"the chat template rejects this conversation: {exc}") from None
+
+
+def assistant_spans(tokenizer, messages: list[dict], from_turn: int = 0) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of its assistant turns (with their end token).
+
+    from_turn skips the turns before it (a preference prompt's own assistant turns are context).
+    """
+    full = _render(tokenizer, messages)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant" or i < from_turn:
+            continue
+        before = _render(tokenizer, messages[:i], add_generation_prompt=True)
+        if not full.startswith(before):
+            before = _render(tokenizer, messages[:i])
+        through = _render(tokenizer, messages[: i + 1])
+        if not (full.startswith(before) and full.startswith(through)):
+            raise UserError(
+                "the chat template is not prefix-preserving (rendering a conversation's first turns is not a prefix of "
+                "rendering all of it), so assistant-only loss cannot be located; set data.assistant_only_loss: false "
+                "or give model.chat_template a prefix-preserving template"
+            )
+        spans.append((len(before), len(through)))
+    return full, spans
+
+
+def tokenize_sft(tokenizer, item, assistant_only: bool, from_turn: int = 0) -> dict:
+    if isinstance(item, tuple):  # plain text: no template, loss on the completion
+        prompt, completion = item
+        text = (tokenizer.bos_token or "") + prompt + completion + tokenizer.eos_token
+        spans = [(len(tokenizer.bos_token or "") + len(prompt), len(text))]
+    else:
+        text, spans = assistant_spans(tokenizer, item, from_turn)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    out = {"input_ids": ids}
+    if assistant_only:
+        mask = [int(any(s < end and e > start for start, end in spans)) for s, e in enc["offset_mapping"]]
+        if not any(mask):
+            raise RowError("no assistant token left to train on")
+        out["assistant_masks"] = mask
+    return out
+
+
+def _collect(rows: list[Row], convert, bad_rows: str, report: Report) -> list[dict]:
+    out = []
+    for row in rows:
+        try:
+            if not isinstance(row.value, dict):
+                raise RowError(f"expected a JSON object, got {type(row.value).__name__}")
+            out.append(convert(row.value))
+        except RowError as exc:
+            problem = Problem(f"{row.source}:{row.number}", str(exc))
+            if bad_rows == "error":
+                raise UserError(
+                    [problem],
+                    title=f"bad row in {row.source} (fix it, or set data.bad_rows: drop to skip bad rows)",
+                ) from None
+            report.dropped.append(problem)
+    report.rows += len(out)
+    return out
+
+
+def sft_dataset(sources: list[str], tokenizer, section: DataSection, report: Report) -> Dataset:
+    def convert(value):
+        encoded = tokenize_sft(tokenizer, sft_messages(value), section.assistant_only_loss)
+        if len(encoded["input_ids"]) > section.max_length:
+            raise RowError(f"{len(encoded['input_ids'])} tokens, longer than data.max_length={section.max_length}")
+        return encoded
+
+    rows = [r for s in sources for r in read_rows(s)]
+    return Dataset.from_list(_collect(rows, convert, section.bad_rows, report))
+
+
+# ---------------------------------------------------------------- preference rows
+
+def preference_row(value: dict, tokenizer, max_length: int) -> dict:
+    """prompt/chosen/rejected, conversational or plain text, checked; chosen == rejected is an error."""
+    missing = [k for k in ("prompt", "chosen", "rejected") if k not in value]
+    if missing:
+        raise RowError(f"missing {', '.join(missing)}; a preference row has prompt, chosen and rejected")
+    prompt, chosen, rejected = value["prompt"], value["chosen"], value["rejected"]
+    if all(isinstance(x, str) for x in (prompt, chosen, rejected)):
+        if not all(x.strip() for x in (prompt, chosen, rejected)):
+            raise RowError("prompt, chosen and rejected must be non-empty")
+        texts = [prompt + chosen, prompt + rejected]
+        out = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    else:
+        if isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        chosen = [{"role": "assistant", "content": chosen}] if isinstance(chosen, str) else chosen
+        rejected = [{"role": "assistant", "content": rejected}] if isinstance(rejected, str) else rejected
+        prompt = check_messages(prompt, "prompt", last_role="user")
+        chosen = check_messages(prompt + list(chosen), "prompt+chosen")[len(prompt):]
+        rejected = check_messages(prompt + list(rejected), "prompt+rejected")[len(prompt):]
+        texts = [_render(tokenizer, prompt + chosen), _render(tokenizer, prompt + rejected)]
+        out = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    if out["chosen"] == out["rejected"]:
+        raise RowError("chosen equals rejected: the pair teaches nothing")
+    longest = max(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    if longest > max_length:
+        raise RowError(f"{longest} tokens, longer than data.max_length={max_length}")
+    return out
+
+
+def preference_dataset(sources: list[str], tokenizer, section: DataSection, report: Report) -> Dataset:
+    rows = [r for s in sources for r in read_rows(s)]
+    converted = _collect(rows, lambda v: preference_row(v, tokenizer, section.max_length), section.bad_rows, report)
+    kinds = {isinstance(r["prompt"], str) for r in converted}
+    if len(kinds) > 1:
+        raise UserError("data.train mixes plain-text and conversational preference rows; use one form per run")
+    return Dataset.from_list(converted)
+
+
+def split_eval(train: Dataset, eval_ds: Dataset | None, fraction: float, seed: int):
+    if eval_ds is not None or fraction <= 0:
+        return train, eval_ds
+    parts = train.train_test_split(test_size=fraction, seed=seed)
+    return parts["train"], parts["test"]
+
+
+def build_datasets(section: DataSection, tokenizer, kind: str, seed: int):
+    """(train, eval or None, Report) for kind `sft` or `preference`."""
+    make = sft_dataset if kind == "sft" else preference_dataset
+    report = Report()
+    train = make(section.train, tokenizer, section, report)
+    eval_ds = make(section.eval, tokenizer, section, report) if section.eval else None
+    if len(train) == 0:
+        raise UserError(f"data.train: no usable rows in {', '.join(section.train)}")
+    if report.dropped:
+        log.warning("dropped %d bad row(s) (data.bad_rows: drop); first: %s", len(report.dropped), report.dropped[0])
+    train, eval_ds = split_eval(train, eval_ds, section.eval_split, seed)
+    return train, eval_ds, report

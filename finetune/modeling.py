@@ -1,0 +1,119 @@
+"""Loading the base model, its config and its tokenizer from a recipe's `model:` section.
+
+Also builds the model on the meta device (no weights, no memory) so recipe checks can match
+LoRA targets against Mixtral-8x7B instantly. Used by every stage; nothing here trains.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from finetune.errors import UserError
+from finetune.recipe import ModelSection
+
+log = logging.getLogger(__name__)
+
+# Configs of the hub models our shipped recipes name, so `finetune validate` can check LoRA
+# targets with no network (CI, air-gapped clusters). Only config.json: no weights.
+BUNDLED_CONFIGS = Path(__file__).resolve().parent.parent / "model" / "configs"
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return DTYPES[name]
+
+
+def is_local(name_or_path: str) -> bool:
+    return Path(name_or_path).exists()
+
+
+def bundled_config_path(name_or_path: str) -> Path:
+    return BUNDLED_CONFIGS / name_or_path.replace("/", "--") / "config.json"
+
+
+def load_config(section: ModelSection):
+    """The model's config: from disk, the local hub cache, the bundled copy (known hub ids), or the hub.
+
+    The bundled copy comes before the network so that `finetune validate` is instant and works
+    offline; configs of released models do not change.
+    """
+    name = section.name_or_path
+    kwargs = {"trust_remote_code": section.trust_remote_code}
+    if not is_local(name):
+        try:
+            return AutoConfig.from_pretrained(name, local_files_only=True, **kwargs)
+        except (OSError, ValueError):
+            bundled = bundled_config_path(name)
+            if bundled.is_file():
+                raw = json.loads(bundled.read_text())
+                return AutoConfig.for_model(raw.pop("model_type"), **raw)
+    try:
+        return AutoConfig.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as exc:
+        hint = (
+            "the directory has no usable config.json"
+            if is_local(name)
+            else f"no such local directory (relative paths are read from {Path.cwd()}) and no hub model of that name "
+            "could be reached (check the name, your network, HF_TOKEN)"
+        )
+        raise UserError(f"model.name_or_path: cannot load a config from `{name}`: {hint}. ({exc.__class__.__name__}: {exc})") from None
+
+
+def text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def is_moe(config) -> bool:
+    cfg = text_config(config)
+    return any(getattr(cfg, k, None) for k in ("num_local_experts", "num_experts"))
+
+
+def meta_model(config, trust_remote_code: bool = False):
+    """The model's module tree on the meta device: names and shapes, no storage."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def load_model(section: ModelSection, device_map=None):
+    """The base model with real weights, in the recipe's dtype and attention kernel."""
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            section.name_or_path,
+            dtype=resolve_dtype(section.dtype),
+            attn_implementation=section.attn_implementation,
+            trust_remote_code=section.trust_remote_code,
+            device_map=device_map,
+        )
+    except (OSError, ValueError) as exc:
+        raise UserError(f"model.name_or_path: cannot load weights from `{section.name_or_path}`: {exc}") from None
+    return model
+
+
+def load_tokenizer(section: ModelSection):
+    """The tokenizer, with the recipe's chat template if it names one, and a pad token."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(section.name_or_path, trust_remote_code=section.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"model.name_or_path: cannot load a tokenizer from `{section.name_or_path}`: {exc}") from None
+    template = section.chat_template
+    if template:
+        path = Path(template)
+        tokenizer.chat_template = path.read_text() if path.suffix == ".jinja" and path.is_file() else template
+    if tokenizer.chat_template is None:
+        raise UserError(
+            f"model.chat_template: the tokenizer of `{section.name_or_path}` has no chat template; "
+            "set model.chat_template to a .jinja file or the template text"
+        )
+    if tokenizer.pad_token is None:
+        # Mixtral ships no pad token. Padding positions are masked out of the loss and attention,
+        # so reusing </s> is safe and keeps the vocabulary (and the exported checkpoint) unchanged.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

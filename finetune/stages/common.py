@@ -1,0 +1,161 @@
+"""What the SFT and DPO stages share: trainer arguments, the LoRA wrap, the aux loss, the summary.
+
+Each stage (finetune/stages/sft.py, dpo.py) is one readable function that calls these in order.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from finetune import modeling
+from finetune.errors import UserError
+from finetune.lora import Plan, lora_config, trainable_by_group, verify_adapters
+from finetune.recipe import Recipe
+
+log = logging.getLogger("finetune")
+
+# PEFT checks rank/alpha pattern keys against module names only, so the keys for expert and
+# router parameters (target_parameters) are reported as unmatched although PEFT applies them;
+# tests/test_sft.py checks the ranks that expert adapters actually get.
+warnings.filterwarnings("ignore", message=r"The following (rank|alpha)_pattern keys did not match")
+
+STAGE_DEFAULTS = {
+    # LoRA wants a larger learning rate than full fine-tuning; DPO a smaller one than SFT.
+    "sft": {"learning_rate": 2e-4, "num_train_epochs": 1, "per_device_train_batch_size": 8},
+    "dpo": {"learning_rate": 5e-5, "num_train_epochs": 1, "per_device_train_batch_size": 8, "beta": 0.1},
+}
+
+
+def resolve_aux_coef(recipe: Recipe, config) -> float:
+    """The router aux-loss coefficient: the recipe's, else the model config's, else 0 (dense)."""
+    if recipe.router.aux_loss_coef is not None:
+        return float(recipe.router.aux_loss_coef)
+    return float(getattr(modeling.text_config(config), "router_aux_loss_coef", 0.0) or 0.0)
+
+
+def absolute(recipe: Recipe) -> Recipe:
+    """The recipe with local paths made absolute, so the run directory works from anywhere."""
+    out = copy.deepcopy(recipe)
+
+    def fix(p: str) -> str:
+        return str(Path(p).resolve()) if p and Path(p).exists() else p
+
+    out.model.name_or_path = fix(out.model.name_or_path)
+    if out.model.chat_template and out.model.chat_template.endswith(".jinja"):
+        out.model.chat_template = fix(out.model.chat_template)
+    out.data.train = [fix(p) for p in out.data.train]
+    out.data.eval = [fix(p) for p in out.data.eval]
+    out.output_dir = str(Path(out.output_dir).resolve())
+    if out.from_run:
+        out.from_run = fix(out.from_run)
+    return out
+
+
+def trainer_args(recipe: Recipe, stage: str, output_dir: Path, aux_coef: float, has_eval: bool):
+    """trl.SFTConfig / trl.DPOConfig: our defaults, then the recipe's pass-through section."""
+    from trl import DPOConfig, SFTConfig
+
+    cls = SFTConfig if stage == "sft" else DPOConfig
+    kwargs = dict(STAGE_DEFAULTS[stage])
+    kwargs.update(
+        output_dir=str(output_dir / "checkpoints"),
+        seed=recipe.seed,
+        max_length=recipe.data.max_length,
+        router_aux_loss_coef=aux_coef,
+        report_to="none",
+        logging_steps=10,
+        save_strategy="no",
+        lr_scheduler_type="cosine",
+        warmup_steps=0.03,
+        eval_strategy="epoch" if has_eval else "no",
+    )
+    if not torch.cuda.is_available():
+        # TRL 1.x defaults to bf16 autocast, which CPUs run slowly or not at all.
+        kwargs.update(use_cpu=True, bf16=False)
+    else:
+        kwargs.update(bf16=modeling.resolve_dtype(recipe.model.dtype) == torch.bfloat16)
+    kwargs.update(getattr(recipe, stage))
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"{stage}: trl.{cls.__name__} rejects these settings: {exc}") from None
+
+
+def warn_frozen_router_aux(plan: Plan, aux_coef: float) -> None:
+    if plan.router_policy == "freeze" and aux_coef > 0 and plan.router_modules:
+        log.warning(
+            "router frozen with router.aux_loss_coef=%g: the load-balancing loss still trains, but its gradient "
+            "reaches only the layers upstream of each router (through the hidden states), not the router itself",
+            aux_coef,
+        )
+
+
+def peft_config_for(plan: Plan):
+    return lora_config(plan)
+
+
+def finish_wrap(model, plan: Plan, expert_path: str) -> dict[str, int]:
+    """Check the PEFT-wrapped model trains what the plan says; switch experts to the fast path."""
+    verify_adapters(model, plan)
+    if "experts" in plan.groups and expert_path == "fast":
+        from finetune.expert_lora import enable_fast_expert_lora
+
+        patched = enable_fast_expert_lora(model)
+        log.info("fast expert LoRA on %d MoE layers", patched)
+    counts = trainable_by_group(model)
+    log.info("trainable parameters by group: %s", ", ".join(f"{k}={v:,}" for k, v in counts.items()))
+    return counts
+
+
+def final_losses(log_history: list[dict]) -> dict:
+    out = {}
+    for entry in log_history:
+        for key in ("loss", "eval_loss", "train_loss", "rewards/accuracies", "eval_rewards/accuracies", "aux_loss"):
+            if key in entry:
+                out[key] = entry[key]
+    return out
+
+
+def print_summary(stage: str, out: Path, metrics: dict) -> None:
+    lines = [f"\n{stage.upper()} finished in {metrics['seconds']:.0f}s"]
+    groups = metrics["trainable_parameters"]
+    lines.append("  trainable parameters: " + ", ".join(f"{k} {v:,}" for k, v in groups.items()) + f" (total {sum(groups.values()):,})")
+    lines.append(f"  tokens seen: {metrics.get('tokens_seen', 0):,}")
+    losses = metrics.get("final", {})
+    if losses:
+        lines.append("  final: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in losses.items()))
+    lines.append(f"  router: {metrics['router_policy']}, aux_loss_coef {metrics['router_aux_loss_coef']}")
+    if metrics.get("dropped_rows"):
+        lines.append(f"  dropped rows: {metrics['dropped_rows']}")
+    lines.append(f"  outputs: {out}")
+    print("\n".join(lines), flush=True)
+
+
+def save_adapter(model, out: Path) -> None:
+    """The adapter in standard PEFT files; drop the trainer's checkpoint folder if it stayed empty."""
+    model.save_pretrained(out)
+    checkpoints = out / "checkpoints"
+    if checkpoints.is_dir() and not any(checkpoints.iterdir()):
+        checkpoints.rmdir()
+
+
+class Timer:
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start
+
+
+def routing_callbacks() -> list:
+    """Expert-load, entropy and drift metrics in the trainer's own logs (finetune/routing/callback.py)."""
+    from finetune.routing.callback import RoutingMetricsCallback
+
+    return [RoutingMetricsCallback()]

@@ -1,0 +1,83 @@
+"""Preference tuning (DPO) on top of an SFT run, with the SFT model as the reference.
+
+    finetune dpo recipes/tiny-moe/dpo.yaml
+    accelerate launch -m finetune dpo recipes/mixtral-8x7b/dpo.yaml
+
+Design: the SFT adapter chain is merged into the base weights in memory, and a fresh LoRA is
+trained on top with TRL's DPOTrainer. TRL computes reference log-probs with the adapters
+disabled, which is then exactly the SFT model. (Handing TRL the SFT PeftModel instead makes it
+copy the adapter into a "ref" adapter; the merged design is simpler to verify and keeps one
+adapter per stage, which export merges in order.) tests/test_dpo.py proves it: at the first
+step every implicit reward is 0, and the reference log-probs equal base + SFT adapter.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from finetune import chain, modeling, runs
+from finetune.data import build_datasets
+from finetune.recipe import ModelSection, Recipe
+from finetune.stages import common
+from finetune.validate import check
+
+log = logging.getLogger("finetune")
+
+
+def build_trainer(recipe: Recipe, checked, aux_coef: float, parent: runs.Run, extra_callbacks=()):
+    """The DPOTrainer on the merged parent chain, and what went into it (tests use this directly)."""
+    from trl import DPOTrainer
+
+    tokenizer = modeling.load_tokenizer(ModelSection(**{**recipe.model.__dict__, "name_or_path": str(parent.path)}))
+    train, eval_ds, report = build_datasets(recipe.data, tokenizer, "preference", recipe.seed)
+    args = common.trainer_args(recipe, "dpo", Path(recipe.output_dir), aux_coef, eval_ds is not None)
+    model = chain.load_chain(parent)
+    common.warn_frozen_router_aux(checked.plan, aux_coef)
+    log.info("router aux loss coefficient %g (policy: %s)", aux_coef, checked.plan.router_policy)
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=None,
+        args=args,
+        train_dataset=train,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        peft_config=common.peft_config_for(checked.plan),
+        callbacks=[*common.routing_callbacks(), *extra_callbacks],
+    )
+    counts = common.finish_wrap(trainer.model, checked.plan, recipe.lora.expert_path)
+    return trainer, tokenizer, report, counts
+
+
+def run_dpo(recipe: Recipe, overwrite: bool = False, callbacks=()):
+    checked = check(recipe, "dpo")
+    recipe = common.absolute(checked.recipe)
+    parent = runs.read_run(recipe.from_run)
+    aux_coef = common.resolve_aux_coef(recipe, checked.config)
+    recipe.router.aux_loss_coef = aux_coef
+    trainer, tokenizer, report, counts = build_trainer(recipe, checked, aux_coef, parent, callbacks)
+    out = runs.prepare_output_dir(recipe.output_dir, overwrite) if trainer.is_world_process_zero() else None
+
+    with common.Timer() as timer:
+        trainer.train()
+    if not trainer.is_world_process_zero():
+        return None
+    common.save_adapter(trainer.model, out)
+    tokenizer.save_pretrained(out)
+    metrics = {
+        "stage": "dpo",
+        "seconds": timer.seconds,
+        "trainable_parameters": counts,
+        "tokens_seen": int(getattr(trainer, "_total_train_tokens", 0)),
+        "rows": report.rows,
+        "dropped_rows": len(report.dropped),
+        "router_policy": checked.plan.router_policy,
+        "router_aux_loss_coef": aux_coef,
+        "reference": f"SFT chain of {parent.path} merged (adapters disabled)",
+        "final": common.final_losses(trainer.state.log_history),
+        "log_history": trainer.state.log_history,
+    }
+    run_chain = parent.chain + [{"kind": "dpo", "run": str(out)}]
+    runs.finish_run(out, recipe, run_chain, metrics)
+    common.print_summary("dpo", out, metrics)
+    return out

@@ -1,0 +1,70 @@
+"""Supervised fine-tuning: train LoRA adapters on chat data with TRL's SFTTrainer.
+
+    finetune sft recipes/tiny-moe/sft.yaml [--set sft.learning_rate=1e-4 ...]
+    accelerate launch -m finetune sft recipes/mixtral-8x7b/sft.yaml   # several GPUs
+
+Writes the run directory described in finetune/runs.py.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from finetune import modeling, runs
+from finetune.data import build_datasets
+from finetune.recipe import Recipe
+from finetune.stages import common
+from finetune.validate import check
+
+log = logging.getLogger("finetune")
+
+
+def run_sft(recipe: Recipe, overwrite: bool = False, callbacks=()):
+    from trl import SFTTrainer
+
+    checked = check(recipe, "sft")
+    recipe = common.absolute(checked.recipe)
+    aux_coef = common.resolve_aux_coef(recipe, checked.config)
+    recipe.router.aux_loss_coef = aux_coef  # the resolved recipe records the number actually used
+
+    tokenizer = modeling.load_tokenizer(recipe.model)
+    train, eval_ds, report = build_datasets(recipe.data, tokenizer, "sft", recipe.seed)
+    args = common.trainer_args(recipe, "sft", Path(recipe.output_dir), aux_coef, eval_ds is not None)
+    out = runs.prepare_output_dir(recipe.output_dir, overwrite) if args.process_index == 0 else None
+
+    model = modeling.load_model(recipe.model)
+    common.warn_frozen_router_aux(checked.plan, aux_coef)
+    log.info("router aux loss coefficient %g (policy: %s)", aux_coef, checked.plan.router_policy)
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        peft_config=common.peft_config_for(checked.plan),
+        callbacks=[*common.routing_callbacks(), *callbacks],
+    )
+    counts = common.finish_wrap(trainer.model, checked.plan, recipe.lora.expert_path)
+    with common.Timer() as timer:
+        trainer.train()
+    if not trainer.is_world_process_zero():
+        return None
+    common.save_adapter(trainer.model, out)
+    tokenizer.save_pretrained(out)
+    metrics = {
+        "stage": "sft",
+        "seconds": timer.seconds,
+        "trainable_parameters": counts,
+        "tokens_seen": int(trainer._total_train_tokens) if hasattr(trainer, "_total_train_tokens") else None,
+        "rows": report.rows,
+        "dropped_rows": len(report.dropped),
+        "router_policy": checked.plan.router_policy,
+        "router_aux_loss_coef": aux_coef,
+        "final": common.final_losses(trainer.state.log_history),
+        "log_history": trainer.state.log_history,
+    }
+    chain = [{"kind": "base", "model": recipe.model.name_or_path}, {"kind": "sft", "run": str(out)}]
+    runs.finish_run(out, recipe, chain, metrics)
+    common.print_summary("sft", out, metrics)
+    return out
