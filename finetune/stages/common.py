@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from finetune import modeling
+from finetune import modeling, runs
 from finetune.errors import UserError
 from finetune.lora import Plan, lora_config, trainable_by_group, verify_adapters
 from finetune.recipe import Recipe
@@ -135,6 +135,16 @@ def print_summary(stage: str, out: Path, metrics: dict) -> None:
         lines.append(f"  dropped rows: {metrics['dropped_rows']}")
     lines.append(f"  outputs: {out}")
     print("\n".join(lines), flush=True)
+
+
+def claim_output_dir(recipe: Recipe, overwrite: bool) -> Path:
+    """The run's output directory, emptied or refused on the main process before anything writes there."""
+    from accelerate import PartialState
+
+    out = Path(recipe.output_dir)
+    if PartialState().is_main_process:
+        runs.prepare_output_dir(out, overwrite)
+    return out
 
 
 def save_adapter(model, out: Path) -> None:

@@ -55,8 +55,8 @@ def run_dpo(recipe: Recipe, overwrite: bool = False, callbacks=()):
     parent = runs.read_run(recipe.from_run)
     aux_coef = common.resolve_aux_coef(recipe, checked.config)
     recipe.router.aux_loss_coef = aux_coef
+    out = common.claim_output_dir(recipe, overwrite)
     trainer, tokenizer, report, counts = build_trainer(recipe, checked, aux_coef, parent, callbacks)
-    out = runs.prepare_output_dir(recipe.output_dir, overwrite) if trainer.is_world_process_zero() else None
 
     with common.Timer() as timer:
         trainer.train()

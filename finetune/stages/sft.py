@@ -31,7 +31,7 @@ def run_sft(recipe: Recipe, overwrite: bool = False, callbacks=()):
     tokenizer = modeling.load_tokenizer(recipe.model)
     train, eval_ds, report = build_datasets(recipe.data, tokenizer, "sft", recipe.seed)
     args = common.trainer_args(recipe, "sft", Path(recipe.output_dir), aux_coef, eval_ds is not None)
-    out = runs.prepare_output_dir(recipe.output_dir, overwrite) if args.process_index == 0 else None
+    out = common.claim_output_dir(recipe, overwrite)
 
     model = modeling.load_model(recipe.model)
     common.warn_frozen_router_aux(checked.plan, aux_coef)
