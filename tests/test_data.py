@@ -1,0 +1,106 @@
+"""Data rows: every kind of bad row is named by file and row; assistant masks cover exactly the answers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import write_jsonl
+
+from finetune.data import build_datasets, read_rows, tokenize_sft
+from finetune.errors import UserError
+from finetune.recipe import DataSection
+
+GOOD = {"messages": [{"role": "user", "content": "reverse lamp"}, {"role": "assistant", "content": "pmal"}]}
+
+
+def section(path, **kw) -> DataSection:
+    return DataSection(train=[str(path)], max_length=kw.pop("max_length", 64), **kw)
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"text": "hello"}, "expected `messages` or `prompt` + `completion`"),
+        ({"messages": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "yo"}]}, "roles must alternate"),
+        ({"messages": [{"role": "user", "content": "reverse lamp"}, {"role": "assistant", "content": "  "}]}, "`messages[1].content` is empty"),
+        ({"messages": [{"role": "user", "content": "reverse lamp"}]}, "must end with a assistant message"),
+        ({"messages": [{"role": "user", "content": "a " * 200}, {"role": "assistant", "content": "b"}]}, "longer than data.max_length=64"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "expected one of system, user, assistant"),
+    ],
+)
+def test_bad_sft_row_names_file_and_row(tmp_path, tokenizer, bad, message):
+    path = write_jsonl(tmp_path / "sft.jsonl", [GOOD, GOOD, bad, GOOD])
+    with pytest.raises(UserError) as info:
+        build_datasets(section(path), tokenizer, "sft", 0)
+    text = str(info.value)
+    assert f"{path}:3: " in text and message in text
+    assert "data.bad_rows: drop" in text  # says how to go on
+
+
+def test_drop_mode_skips_and_counts(tmp_path, tokenizer):
+    bad = {"messages": [{"role": "user", "content": "x"}]}
+    path = write_jsonl(tmp_path / "sft.jsonl", [GOOD, bad, GOOD, bad])
+    train, _, report = build_datasets(section(path, bad_rows="drop"), tokenizer, "sft", 0)
+    assert len(train) == 2 and len(report.dropped) == 2
+    assert str(report.dropped[0]).startswith(f"{path}:2:")
+
+
+def test_template_error_is_a_row_error(tmp_path, tokenizer):
+    row = {"messages": [{"role": "system", "content": "be brief"}, *GOOD["messages"]]}  # Mixtral's template has no system role
+    path = write_jsonl(tmp_path / "sft.jsonl", [row])
+    with pytest.raises(UserError, match=r"sft.jsonl:1: the chat template rejects this conversation"):
+        build_datasets(section(path), tokenizer, "sft", 0)
+
+
+def test_assistant_mask_covers_answers_and_end_of_turn_only(tokenizer):
+    messages = [
+        {"role": "user", "content": "reverse lamp"}, {"role": "assistant", "content": "pmal"},
+        {"role": "user", "content": "reverse tiger"}, {"role": "assistant", "content": "regit"},
+    ]
+    enc = tokenize_sft(tokenizer, messages, assistant_only=True)
+    trained = [t for t, m in zip(enc["input_ids"], enc["assistant_masks"]) if m]
+    assert tokenizer.decode(trained) .replace(" ", "") == "pmal</s>regit</s>"
+    untrained = tokenizer.decode([t for t, m in zip(enc["input_ids"], enc["assistant_masks"]) if not m])
+    assert "[INST]" in untrained and "pmal" not in untrained
+
+
+def test_prompt_completion_forms(tmp_path, tokenizer):
+    rows = [
+        {"prompt": [{"role": "user", "content": "reverse lamp"}], "completion": [{"role": "assistant", "content": "pmal"}]},
+        {"prompt": "reverse lamp:", "completion": " pmal"},
+    ]
+    path = write_jsonl(tmp_path / "pc.jsonl", rows)
+    train, _, _ = build_datasets(section(path), tokenizer, "sft", 0)
+    conversational, plain = train[0], train[1]
+    assert tokenizer.decode(conversational["input_ids"]).startswith("<s>[INST] reverse lamp [/INST]")
+    masked = [t for t, m in zip(plain["input_ids"], plain["assistant_masks"]) if m]
+    assert tokenizer.decode(masked).replace(" ", "") == "pmal</s>"
+
+
+def test_json_and_parquet_files(tmp_path, tokenizer):
+    from datasets import Dataset
+
+    (tmp_path / "rows.json").write_text(json.dumps([GOOD, GOOD]))
+    Dataset.from_list([GOOD] * 3).to_parquet(str(tmp_path / "rows.parquet"))
+    assert len(read_rows(str(tmp_path / "rows.json"))) == 2
+    assert len(read_rows(str(tmp_path / "rows.parquet"))) == 3
+
+
+def test_invalid_json_line_is_located(tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n{not json\n")
+    with pytest.raises(UserError, match=r"broken.jsonl:2: not valid JSON"):
+        read_rows(str(path))
+
+
+def test_missing_hub_dataset_offline_says_what_to_do(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(UserError, match="could not be loaded.*download the data set and name the file"):
+        read_rows("nobody/no-such-dataset:train")
+
+
+def test_eval_split(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "sft.jsonl", [GOOD] * 20)
+    train, eval_ds, _ = build_datasets(section(path, eval_split=0.25), tokenizer, "sft", 0)
+    assert (len(train), len(eval_ds)) == (15, 5)
