@@ -67,6 +67,7 @@ def run_dpo(recipe: Recipe, overwrite: bool = False, callbacks=()):
     metrics = {
         "stage": "dpo",
         "seconds": timer.seconds,
+        "world_size": trainer.args.world_size,
         "trainable_parameters": counts,
         "tokens_seen": int(getattr(trainer, "_total_train_tokens", 0)),
         "rows": report.rows,

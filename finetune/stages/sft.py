@@ -55,6 +55,7 @@ def run_sft(recipe: Recipe, overwrite: bool = False, callbacks=()):
     metrics = {
         "stage": "sft",
         "seconds": timer.seconds,
+        "world_size": trainer.args.world_size,
         "trainable_parameters": counts,
         "tokens_seen": int(trainer._total_train_tokens) if hasattr(trainer, "_total_train_tokens") else None,
         "rows": report.rows,
