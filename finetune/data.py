@@ -213,8 +213,28 @@ def sft_dataset(sources: list[str], tokenizer, section: DataSection, report: Rep
 
 # ---------------------------------------------------------------- preference rows
 
+def _split_implicit_prompt(value: dict) -> dict:
+    """Hub preference sets (UltraFeedback) repeat the prompt inside chosen/rejected; keep it once."""
+    chosen, rejected = value.get("chosen"), value.get("rejected")
+    if not (isinstance(chosen, list) and isinstance(rejected, list)):
+        return value
+    prompt = value.get("prompt")
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    if prompt is None:  # no prompt column: the shared leading turns are the prompt
+        shared = 0
+        while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+            shared += 1
+        prompt = chosen[:shared]
+    n = len(prompt)
+    if n and chosen[:n] == prompt and rejected[:n] == prompt:
+        return {**value, "prompt": prompt, "chosen": chosen[n:], "rejected": rejected[n:]}
+    return value if "prompt" in value else {**value, "prompt": prompt}
+
+
 def preference_row(value: dict, tokenizer, max_length: int) -> dict:
     """prompt/chosen/rejected, conversational or plain text, checked; chosen == rejected is an error."""
+    value = _split_implicit_prompt(value)
     missing = [k for k in ("prompt", "chosen", "rejected") if k not in value]
     if missing:
         raise RowError(f"missing {', '.join(missing)}; a preference row has prompt, chosen and rejected")

@@ -104,3 +104,16 @@ def test_eval_split(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "sft.jsonl", [GOOD] * 20)
     train, eval_ds, _ = build_datasets(section(path, eval_split=0.25), tokenizer, "sft", 0)
     assert (len(train), len(eval_ds)) == (15, 5)
+
+
+def test_preference_rows_with_the_prompt_repeated_inside(tmp_path, tokenizer):
+    user = {"role": "user", "content": "reverse lamp"}
+    rows = [
+        {"prompt": "reverse lamp", "chosen": [user, {"role": "assistant", "content": "pmal"}],
+         "rejected": [user, {"role": "assistant", "content": "pma"}]},  # UltraFeedback's shape
+        {"chosen": [user, {"role": "assistant", "content": "pmal"}], "rejected": [user, {"role": "assistant", "content": "lamp"}]},
+    ]
+    path = write_jsonl(tmp_path / "prefs.jsonl", rows)
+    train, _, _ = build_datasets(section(path), tokenizer, "preference", 0)
+    assert train[0]["prompt"] == [user] and train[1]["prompt"] == [user]
+    assert train[0]["chosen"] == [{"role": "assistant", "content": "pmal"}]

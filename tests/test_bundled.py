@@ -1,0 +1,51 @@
+"""The embedded default: the bundled tiny model and tokenizer behave like Mixtral's, and the data is sane."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from conftest import TINY_MOE, TINY_TASKS
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+
+def test_tiny_model_is_mixtral_shaped_and_small():
+    config = json.loads((TINY_MOE / "config.json").read_text())
+    assert config["model_type"] == "mixtral"
+    assert config["num_local_experts"] == 8 and config["num_experts_per_tok"] == 2
+    assert config["num_key_value_heads"] < config["num_attention_heads"]
+    assert sum(p.stat().st_size for p in TINY_MOE.iterdir()) < 20 * 2**20
+
+
+def test_tokenizer_is_mixtral_style():
+    tok = AutoTokenizer.from_pretrained(TINY_MOE)
+    chat = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+            {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]
+    assert tok.apply_chat_template(chat, tokenize=False) == "<s>[INST] q1 [/INST]a1</s>[INST] q2 [/INST]a2</s>"
+    text = "naïve 東京 🙂"
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text  # byte fallback, no <unk>
+    assert tok.unk_token_id not in tok(text)["input_ids"]
+
+
+def test_tiny_model_knows_the_task_language():
+    tok = AutoTokenizer.from_pretrained(TINY_MOE)
+    model = AutoModelForCausalLM.from_pretrained(TINY_MOE).eval()
+    corpus = (TINY_TASKS / "corpus.txt").read_text().splitlines()[:32]
+    ids = tok("\n".join(corpus), return_tensors="pt")["input_ids"][:, :256]
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=ids).loss.item()
+    assert loss < 2.0, loss  # far below uniform (ln vocab): it was pretrained on the corpus
+
+
+def test_data_files_have_the_documented_forms():
+    def rows(name):
+        return [json.loads(line) for line in (TINY_TASKS / name).read_text().splitlines() if line.strip()]
+
+    assert all("messages" in r for r in rows("sft.jsonl"))
+    pairs = rows("preference.jsonl")
+    assert all(r["chosen"] != r["rejected"] for r in pairs)
+    tests = rows("test.jsonl")
+    assert all({"prompt", "answer", "task"} <= set(r) for r in tests)
+    seen = {r["prompt"][0]["content"] for r in tests}
+    trained = {r["messages"][0]["content"] for r in rows("sft.jsonl")} | {r["prompt"][0]["content"] for r in pairs}
+    assert not seen & trained, "held-out prompts leak into training data"
