@@ -71,7 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", action="append", required=True, help="data file; each file (or its `source` column) is a data source; repeatable")
     p.add_argument("--compare", help="a second model/run to compare against (e.g. the base model)")
     p.add_argument("--output", required=True, help="report directory")
-    p.add_argument("--max-rows", type=int, default=256, help="rows per data source (default 256)")
+    p.add_argument("--max-rows", type=int, default=256, help="texts per data source (default 256)")
+    p.add_argument("--source-column", default="source", help="row column naming its data source (default: source)")
+    p.add_argument("--max-length", type=int, default=1024, help="tokens per text (default 1024)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots (they need matplotlib)")
     return parser
 
 

@@ -164,8 +164,11 @@ class Timer:
         self.seconds = time.perf_counter() - self.start
 
 
-def routing_callbacks() -> list:
-    """Expert-load, entropy and drift metrics in the trainer's own logs (finetune/routing/callback.py)."""
-    from finetune.routing.callback import RoutingMetricsCallback
+def attach_routing_metrics(trainer) -> None:
+    """Expert load, entropy, dead experts and drift in the trainer's own logs (finetune/routing/callback.py).
 
-    return [RoutingMetricsCallback()]
+    Attached after the trainer is built so the metrics reach TensorBoard/trackio/W&B too.
+    """
+    from finetune.routing.callback import add_routing_metrics
+
+    add_routing_metrics(trainer)

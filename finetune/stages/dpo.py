@@ -43,9 +43,10 @@ def build_trainer(recipe: Recipe, checked, aux_coef: float, parent: runs.Run, ex
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         peft_config=common.peft_config_for(checked.plan),
-        callbacks=[*common.routing_callbacks(), *extra_callbacks],
+        callbacks=list(extra_callbacks),
     )
     counts = common.finish_wrap(trainer.model, checked.plan, recipe.lora.expert_path)
+    common.attach_routing_metrics(trainer)
     return trainer, tokenizer, report, counts
 
 

@@ -43,9 +43,10 @@ def run_sft(recipe: Recipe, overwrite: bool = False, callbacks=()):
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         peft_config=common.peft_config_for(checked.plan),
-        callbacks=[*common.routing_callbacks(), *callbacks],
+        callbacks=list(callbacks),
     )
     counts = common.finish_wrap(trainer.model, checked.plan, recipe.lora.expert_path)
+    common.attach_routing_metrics(trainer)
     with common.Timer() as timer:
         trainer.train()
     if not trainer.is_world_process_zero():
