@@ -16,7 +16,8 @@ import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(2)
+# Tiny tensors: a second intra-op thread only adds spin-waiting, most of all on a shared 2-core machine.
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_MOE = REPO / "model" / "tiny-moe"

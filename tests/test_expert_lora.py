@@ -23,13 +23,6 @@ EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 E, H, I = 4, 32, 48  # experts, hidden, intermediate; expert-weight sizes collide with no activation
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny matmuls: a second OpenMP thread only adds spin-waiting on a shared 2-core machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_config(top_k: int = 2, act: str = "silu") -> MixtralConfig:

@@ -4,7 +4,6 @@ import logging
 import math
 
 import pytest
-import torch
 from datasets import Dataset
 from peft import LoraConfig
 
@@ -12,13 +11,6 @@ from finetune.routing.callback import RoutingMetricsCallback, add_routing_metric
 from finetune.routing.tiny import random_texts, tiny_mixtral, tiny_tokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster on a busy shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ import json
 
 import pandas as pd
 import pytest
-import torch
 from PIL import Image
 
 from finetune.errors import UserError
@@ -12,13 +11,6 @@ from finetune.routing.tiny import random_texts, tiny_mixtral, tiny_tokenizer
 from finetune.routing.report import load_sources, routing_report
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster on a busy shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import torch
 
 from finetune import modeling, runs
 from finetune.errors import UserError
-from finetune.lora import Plan, lora_config, trainable_by_group, verify_adapters
+from finetune.lora import Plan, trainable_by_group, verify_adapters
 from finetune.recipe import Recipe
 
 log = logging.getLogger("finetune")
@@ -87,17 +87,14 @@ def trainer_args(recipe: Recipe, stage: str, output_dir: Path, aux_coef: float, 
         raise UserError(f"{stage}: trl.{cls.__name__} rejects these settings: {exc}") from None
 
 
-def warn_frozen_router_aux(plan: Plan, aux_coef: float) -> None:
+def announce_router(plan: Plan, aux_coef: float) -> None:
+    log.info("router aux loss coefficient %g (policy: %s)", aux_coef, plan.router_policy)
     if plan.router_policy == "freeze" and aux_coef > 0 and plan.router_modules:
         log.warning(
             "router frozen with router.aux_loss_coef=%g: the load-balancing loss still trains, but its gradient "
             "reaches only the layers upstream of each router (through the hidden states), not the router itself",
             aux_coef,
         )
-
-
-def peft_config_for(plan: Plan):
-    return lora_config(plan)
 
 
 def finish_wrap(model, plan: Plan, expert_path: str) -> dict[str, int]:
@@ -172,3 +169,31 @@ def attach_routing_metrics(trainer) -> None:
     from finetune.routing.callback import add_routing_metrics
 
     add_routing_metrics(trainer)
+
+
+def train_and_save(stage: str, trainer, tokenizer, out: Path, recipe: Recipe, checked, counts: dict, report,
+                   chain: list[dict], **extra_metrics) -> Path | None:
+    """Train, then (main process only) write adapter, tokenizer, metrics, resolved recipe, chain; print the summary."""
+    with Timer() as timer:
+        trainer.train()
+    if not trainer.is_world_process_zero():
+        return None
+    save_adapter(trainer.model, out)
+    tokenizer.save_pretrained(out)
+    metrics = {
+        "stage": stage,
+        "seconds": timer.seconds,
+        "world_size": trainer.args.world_size,
+        "trainable_parameters": counts,
+        "tokens_seen": int(getattr(trainer, "_total_train_tokens", 0)),
+        "rows": report.rows,
+        "dropped_rows": len(report.dropped),
+        "router_policy": checked.plan.router_policy,
+        "router_aux_loss_coef": recipe.router.aux_loss_coef,
+        **extra_metrics,
+        "final": final_losses(trainer.state.log_history),
+        "log_history": trainer.state.log_history,
+    }
+    runs.finish_run(out, recipe, chain, metrics)
+    print_summary(stage, out, metrics)
+    return out

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from finetune import chain, modeling, runs
 from finetune.data import build_datasets
+from finetune.lora import lora_config
 from finetune.recipe import ModelSection, Recipe
 from finetune.stages import common
 from finetune.validate import check
@@ -33,8 +34,7 @@ def build_trainer(recipe: Recipe, checked, aux_coef: float, parent: runs.Run, ex
     train, eval_ds, report = build_datasets(recipe.data, tokenizer, "preference", recipe.seed)
     args = common.trainer_args(recipe, "dpo", Path(recipe.output_dir), aux_coef, eval_ds is not None)
     model = chain.load_chain(parent)
-    common.warn_frozen_router_aux(checked.plan, aux_coef)
-    log.info("router aux loss coefficient %g (policy: %s)", aux_coef, checked.plan.router_policy)
+    common.announce_router(checked.plan, aux_coef)
     trainer = DPOTrainer(
         model=model,
         ref_model=None,
@@ -42,7 +42,7 @@ def build_trainer(recipe: Recipe, checked, aux_coef: float, parent: runs.Run, ex
         train_dataset=train,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        peft_config=common.peft_config_for(checked.plan),
+        peft_config=lora_config(checked.plan),
         callbacks=list(extra_callbacks),
     )
     counts = common.finish_wrap(trainer.model, checked.plan, recipe.lora.expert_path)
@@ -59,27 +59,6 @@ def run_dpo(recipe: Recipe, overwrite: bool = False, callbacks=()):
     out = common.claim_output_dir(recipe, overwrite)
     trainer, tokenizer, report, counts = build_trainer(recipe, checked, aux_coef, parent, callbacks)
 
-    with common.Timer() as timer:
-        trainer.train()
-    if not trainer.is_world_process_zero():
-        return None
-    common.save_adapter(trainer.model, out)
-    tokenizer.save_pretrained(out)
-    metrics = {
-        "stage": "dpo",
-        "seconds": timer.seconds,
-        "world_size": trainer.args.world_size,
-        "trainable_parameters": counts,
-        "tokens_seen": int(getattr(trainer, "_total_train_tokens", 0)),
-        "rows": report.rows,
-        "dropped_rows": len(report.dropped),
-        "router_policy": checked.plan.router_policy,
-        "router_aux_loss_coef": aux_coef,
-        "reference": f"SFT chain of {parent.path} merged (adapters disabled)",
-        "final": common.final_losses(trainer.state.log_history),
-        "log_history": trainer.state.log_history,
-    }
     run_chain = parent.chain + [{"kind": "dpo", "run": str(out)}]
-    runs.finish_run(out, recipe, run_chain, metrics)
-    common.print_summary("dpo", out, metrics)
-    return out
+    return common.train_and_save("dpo", trainer, tokenizer, out, recipe, checked, counts, report, run_chain,
+                                 reference=f"SFT chain of {parent.path} merged (adapters disabled)")

@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from finetune import modeling, runs
+from finetune import modeling
 from finetune.data import build_datasets
+from finetune.lora import lora_config
 from finetune.recipe import Recipe
 from finetune.stages import common
 from finetune.validate import check
@@ -34,39 +35,17 @@ def run_sft(recipe: Recipe, overwrite: bool = False, callbacks=()):
     out = common.claim_output_dir(recipe, overwrite)
 
     model = modeling.load_model(recipe.model)
-    common.warn_frozen_router_aux(checked.plan, aux_coef)
-    log.info("router aux loss coefficient %g (policy: %s)", aux_coef, checked.plan.router_policy)
+    common.announce_router(checked.plan, aux_coef)
     trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=train,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        peft_config=common.peft_config_for(checked.plan),
+        peft_config=lora_config(checked.plan),
         callbacks=list(callbacks),
     )
     counts = common.finish_wrap(trainer.model, checked.plan, recipe.lora.expert_path)
     common.attach_routing_metrics(trainer)
-    with common.Timer() as timer:
-        trainer.train()
-    if not trainer.is_world_process_zero():
-        return None
-    common.save_adapter(trainer.model, out)
-    tokenizer.save_pretrained(out)
-    metrics = {
-        "stage": "sft",
-        "seconds": timer.seconds,
-        "world_size": trainer.args.world_size,
-        "trainable_parameters": counts,
-        "tokens_seen": int(trainer._total_train_tokens) if hasattr(trainer, "_total_train_tokens") else None,
-        "rows": report.rows,
-        "dropped_rows": len(report.dropped),
-        "router_policy": checked.plan.router_policy,
-        "router_aux_loss_coef": aux_coef,
-        "final": common.final_losses(trainer.state.log_history),
-        "log_history": trainer.state.log_history,
-    }
     chain = [{"kind": "base", "model": recipe.model.name_or_path}, {"kind": "sft", "run": str(out)}]
-    runs.finish_run(out, recipe, chain, metrics)
-    common.print_summary("sft", out, metrics)
-    return out
+    return common.train_and_save("sft", trainer, tokenizer, out, recipe, checked, counts, report, chain)
