@@ -26,6 +26,10 @@ def test_pipeline_on_bundled_default_improves_each_stage(tmp_path, monkeypatch):
 
     em = {stage: summary["results"][stage][test_file]["exact_match"] for stage in ("base", "sft", "dpo", "export")}
     assert em["base"] < em["sft"] < em["dpo"], em
-    assert em["sft"] - em["base"] >= 0.2 and em["dpo"] - em["sft"] >= 0.1, em
+    assert em["sft"] - em["base"] >= 0.3 and em["dpo"] - em["sft"] >= 0.05, em
+    # DPO's gain comes where the SFT data was wrong on purpose (data/tiny-tasks/README.md)
+    per_task = {stage: summary["results"][stage][test_file]["per_task"] for stage in ("sft", "dpo")}
+    for flawed in ("last_letter", "sort"):
+        assert per_task["dpo"][flawed] - per_task["sft"][flawed] >= 0.3, per_task
     assert em["export"] == pytest.approx(em["dpo"], abs=0.02), em  # float32 export: same answers
     assert summary["seconds"]["total"] < 600

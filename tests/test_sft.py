@@ -127,3 +127,10 @@ def test_output_dir_is_not_overwritten_by_accident(tmp_path, tiny_mixtral, sft_f
     train(tmp_path, tiny_mixtral, sft_file)
     with pytest.raises(UserError, match="already holds files.*--overwrite"):
         train(tmp_path, tiny_mixtral, sft_file)
+
+
+def test_same_recipe_same_adapter(tmp_path, tiny_mixtral, sft_file):
+    """Seeded before TRL builds the PEFT model, so a recipe reproduces its adapter bit for bit."""
+    first, _ = train(tmp_path / "a", tiny_mixtral, sft_file)
+    second, _ = train(tmp_path / "b", tiny_mixtral, sft_file)
+    assert (first / "adapter_model.safetensors").read_bytes() == (second / "adapter_model.safetensors").read_bytes()

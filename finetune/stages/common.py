@@ -134,6 +134,14 @@ def print_summary(stage: str, out: Path, metrics: dict) -> None:
     print("\n".join(lines), flush=True)
 
 
+def seed_everything(seed: int) -> None:
+    """Seed before the trainer is built: TRL creates the PEFT model (random LoRA A) in its __init__,
+    before transformers' Trainer seeds, so without this two runs of one recipe differ."""
+    from transformers import set_seed
+
+    set_seed(seed)
+
+
 def claim_output_dir(recipe: Recipe, overwrite: bool) -> Path:
     """The run's output directory, emptied or refused on the main process before anything writes there."""
     from accelerate import PartialState

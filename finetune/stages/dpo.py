@@ -34,6 +34,7 @@ def build_trainer(recipe: Recipe, checked, aux_coef: float, parent: runs.Run, ex
     train, eval_ds, report = build_datasets(recipe.data, tokenizer, "preference", recipe.seed)
     args = common.trainer_args(recipe, "dpo", Path(recipe.output_dir), aux_coef, eval_ds is not None)
     model = chain.load_chain(parent)
+    common.seed_everything(recipe.seed)
     common.announce_router(checked.plan, aux_coef)
     trainer = DPOTrainer(
         model=model,

@@ -35,6 +35,7 @@ def run_sft(recipe: Recipe, overwrite: bool = False, callbacks=()):
     out = common.claim_output_dir(recipe, overwrite)
 
     model = modeling.load_model(recipe.model)
+    common.seed_everything(recipe.seed)
     common.announce_router(checked.plan, aux_coef)
     trainer = SFTTrainer(
         model=model,

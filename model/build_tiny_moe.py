@@ -1,0 +1,329 @@
+"""Build the bundled tiny Mixtral-style base model: train its tokenizer and pretrain it on
+data/tiny-tasks/corpus.txt, writing a Hugging Face model directory.
+
+    python model/build_tiny_moe.py                # writes model/tiny-moe/ and its BUILD.md
+    python model/build_tiny_moe.py --check        # rebuilds in a temp dir, compares sha256
+
+The result is a ~3.9M-parameter MixtralForCausalLM (8 experts, top-2, GQA) with a Mixtral-style
+SentencePiece-BPE tokenizer and Mixtral-8x7B-Instruct-v0.1's chat template. It knows the tasks
+of data/tiny-tasks as prose ("the reverse of lamp is pmal.") but has never seen [INST], which is
+what the SFT stage is for. The build is bit-for-bit reproducible on CPU: one seed, a fixed
+thread count, deterministic kernels and a data order drawn only from the seeded generator.
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast
+from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "data" / "tiny-tasks"
+DEFAULT_OUT = ROOT / "model" / "tiny-moe"
+
+SEED = 0
+THREADS = 1  # a constant: reductions depend on the thread split; and one thread is 4x faster than two when the 2 cores are shared
+BPE_VOCAB = 1200  # learned pieces; the final vocab adds 3 specials, 256 bytes and [INST]/[/INST]
+
+MODEL = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    num_local_experts=8,
+    num_experts_per_tok=2,
+    max_position_embeddings=512,
+    tie_word_embeddings=False,
+    router_aux_loss_coef=0.02,
+    # Mixtral's 1e6 suits 32k contexts; with 16-dim heads it leaves almost no positional
+    # signal at this length, and the model never learnt to look back at a word (probe: 0%).
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+)
+# Many small steps: recall of word facts appears only after ~600-800 optimizer steps, whatever
+# the batch, so 8 blocks of 128 tokens per step buys the most steps per CPU second.
+TRAIN = dict(block=128, batch=8, steps=1800, warmup=100, lr=3e-3, min_lr_ratio=0.1, weight_decay=0.1)
+
+# Mixtral-8x7B-Instruct-v0.1's template, verbatim in its semantics.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}"
+    "{% endfor %}"
+)
+
+
+def tokenizer_texts():
+    """The corpus plus the SFT user phrasings, so instruction words get pieces of their own.
+
+    preference.jsonl uses the same phrasings; leaving it out means it can change without
+    changing the tokenizer, and so the weights.
+    """
+    texts = (DATA / "corpus.txt").read_text(encoding="utf-8").splitlines()
+    for line in open(DATA / "sft.jsonl", encoding="utf-8"):
+        texts += [m["content"] for m in json.loads(line)["messages"] if m["role"] == "user"]
+    return texts
+
+
+def train_tokenizer(texts):
+    """SentencePiece-style BPE with byte fallback, wrapped as a transformers fast tokenizer."""
+    bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    # Training splits on whitespace, digits and punctuation so no learned piece crosses them:
+    # digits stay single tokens (as in Mixtral) and "pmal." ends in the same piece as "pmal".
+    # The runtime pre-tokenizer (Metaspace only, split=False) then yields the same pieces.
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True),
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.Punctuation(),
+    ])
+    trainer = trainers.BpeTrainer(vocab_size=BPE_VOCAB, special_tokens=[], show_progress=False)
+    bpe.train_from_iterator(texts, trainer=trainer)
+    learned = json.loads(bpe.to_str())["model"]
+    pieces = sorted(learned["vocab"], key=learned["vocab"].get)
+
+    # Mixtral's layout: <unk>, <s>, </s>, then the 256 byte tokens, then the learned pieces.
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for b in range(256):
+        vocab[f"<0x{b:02X}>"] = len(vocab)
+    for piece in pieces:
+        vocab.setdefault(piece, len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
+
+    # The runtime pipeline of Mixtral's tokenizer.json. prepend_scheme="always" (Mixtral's legacy
+    # behaviour) puts "▁" on text after a special token too, so an answer after [/INST]
+    # tokenizes as it does in prose ("is pmal." and "[/INST]pmal" both give "▁pmal").
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=False)
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(content=" ", left=1)])
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", 1)])
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t in ("<unk>", "<s>", "</s>", "[INST]", "[/INST]")])
+
+    # TokenizersBackend (alias PreTrainedTokenizerFast) loads tokenizer.json as is. transformers 5's
+    # LlamaTokenizer instead rebuilds the pre-tokenizer from `legacy`, which it does not save, so
+    # one save/load cycle would switch prepend_scheme to "first" and change every answer's tokens.
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                  add_bos_token=True, add_eos_token=False, clean_up_tokenization_spaces=False,
+                                  chat_template=CHAT_TEMPLATE)
+    return tok
+
+
+def check_tokenizer(tok):
+    """Raise if the template or byte fallback do not behave like Mixtral's."""
+    chat = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+            {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]
+    text = tok.apply_chat_template(chat, tokenize=False)
+    if text != "<s>[INST] q1 [/INST]a1</s>[INST] q2 [/INST]a2</s>":
+        raise RuntimeError(f"chat template renders {text!r}")
+    ids = tok.apply_chat_template(chat[:1], tokenize=True, return_dict=True)["input_ids"]
+    inst = tok.convert_tokens_to_ids(["[INST]", "[/INST]"])
+    if ids[0] != tok.bos_token_id or ids[1] != inst[0] or ids[-1] != inst[1]:
+        raise RuntimeError(f"[INST]/[/INST] are not atomic: {tok.convert_ids_to_tokens(ids)}")
+    for bad in ([{"role": "assistant", "content": "x"}], [{"role": "system", "content": "x"}]):
+        try:
+            tok.apply_chat_template(bad, tokenize=False)
+        except Exception:
+            continue
+        raise RuntimeError(f"chat template accepted {bad}")
+    sample = "héllo wörld ✓ 你好 🙂 \u00a0tab\tend"
+    ids = tok(sample)["input_ids"]
+    if ids[0] != tok.bos_token_id or tok.unk_token_id in ids or tok.decode(ids[1:]) != sample:
+        raise RuntimeError(f"byte fallback does not round-trip: {tok.decode(ids[1:])!r}")
+
+
+def corpus_blocks(tok, block):
+    """Each document is <s> text </s>; documents are packed back to back into fixed blocks."""
+    stream = []
+    for line in (DATA / "corpus.txt").read_text(encoding="utf-8").splitlines():
+        stream += tok(line)["input_ids"] + [tok.eos_token_id]
+    n = len(stream) // block
+    return torch.tensor(stream[: n * block]).view(n, block), len(stream)
+
+
+def lr_at(step):
+    """Linear warmup, then cosine down to min_lr_ratio of the peak."""
+    if step < TRAIN["warmup"]:
+        return TRAIN["lr"] * (step + 1) / TRAIN["warmup"]
+    progress = (step - TRAIN["warmup"]) / max(1, TRAIN["steps"] - TRAIN["warmup"])
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))
+    return TRAIN["lr"] * (TRAIN["min_lr_ratio"] + (1 - TRAIN["min_lr_ratio"]) * cosine)
+
+
+def per_layer_aux_loss(router_logits, config):
+    """Switch-style load balancing, averaged over layers.
+
+    transformers' Mixtral loss pools every layer's routing into one histogram, so one layer can
+    starve experts while the pooled counts look even (seen here: two dead experts in layers 1
+    and 2 with it). Balancing each layer on its own keeps all 8 experts alive in every layer.
+    """
+    losses = [load_balancing_loss_func((g,), config.num_local_experts, config.num_experts_per_tok)
+              for g in router_logits]
+    return torch.stack(losses).mean()
+
+
+def pretrain(model, blocks, generator):
+    """Plain AdamW loop; returns the mean LM loss (aux excluded) of the last 50 steps."""
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "norm" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "norm" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": TRAIN["weight_decay"]},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=TRAIN["lr"], betas=(0.9, 0.95), eps=1e-8)
+    order, cursor, recent = torch.empty(0, dtype=torch.long), 0, []
+    start = time.time()
+    model.train()
+    for step in range(TRAIN["steps"]):
+        if cursor + TRAIN["batch"] > len(order):  # a fresh epoch, shuffled by the seeded generator only
+            order, cursor = torch.randperm(len(blocks), generator=generator), 0
+        batch = blocks[order[cursor : cursor + TRAIN["batch"]]]
+        cursor += TRAIN["batch"]
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        out = model(input_ids=batch, output_router_logits=True)
+        lm_loss = model.loss_function(out.logits, batch, model.config.vocab_size)
+        aux = per_layer_aux_loss(out.router_logits, model.config)
+        (lm_loss + model.config.router_aux_loss_coef * aux).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        recent = (recent + [lm_loss.item()])[-50:]
+        if step % 50 == 0 or step == TRAIN["steps"] - 1:
+            print(f"step {step:4d}  lm loss {lm_loss.item():.4f}  aux {aux.item():.4f}  "
+                  f"lr {lr_at(step):.2e}  {time.time() - start:6.1f}s", flush=True)
+    return sum(recent) / len(recent)
+
+
+@torch.no_grad()
+def expert_counts(model, blocks):
+    """Tokens routed to each expert (top-k of the router) per layer, over the first 64 blocks."""
+    model.eval()
+    out = model(input_ids=blocks[:64], output_router_logits=True)
+    k = model.config.num_experts_per_tok
+    counts = []
+    for logits in out.router_logits:
+        chosen = logits.topk(k, dim=-1).indices.flatten()
+        counts.append(torch.bincount(chosen, minlength=model.config.num_local_experts).tolist())
+    return counts
+
+
+def sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def build(out):
+    """Train tokenizer and model into `out`; returns facts for BUILD.md."""
+    torch.manual_seed(SEED)
+    torch.set_num_threads(THREADS)
+    torch.use_deterministic_algorithms(True)
+    start = time.time()
+
+    tok = train_tokenizer(tokenizer_texts())
+    check_tokenizer(tok)
+    blocks, n_tokens = corpus_blocks(tok, TRAIN["block"])
+    print(f"tokenizer: {len(tok)} tokens; corpus: {n_tokens} tokens, {len(blocks)} blocks of {TRAIN['block']}")
+
+    config = MixtralConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                           **MODEL)
+    model = MixtralForCausalLM(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params:,} parameters")
+    generator = torch.Generator().manual_seed(SEED)
+    final_loss = pretrain(model, blocks, generator)
+
+    counts = expert_counts(model, blocks)
+    for layer, c in enumerate(counts):
+        print(f"layer {layer} tokens per expert: {c}")
+    if any(0 in c for c in counts):
+        raise RuntimeError("an expert receives no tokens after pretraining")
+
+    out.mkdir(parents=True, exist_ok=True)
+    model.config.output_router_logits = False  # as in the real Mixtral config; stages turn it on
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    reloaded = AutoTokenizer.from_pretrained(out)
+    check_tokenizer(reloaded)
+    sample = (DATA / "corpus.txt").read_text(encoding="utf-8")[:2000]
+    if reloaded(sample)["input_ids"] != tok(sample)["input_ids"]:
+        raise RuntimeError(f"the tokenizer saved in {out} tokenizes differently after loading")
+    return dict(n_params=n_params, n_tokens=n_tokens, final_loss=final_loss, counts=counts,
+                seconds=time.time() - start, sha=sha256(out / "model.safetensors"))
+
+
+def write_build_md(out, facts):
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    counts = "\n".join(f"| {i} | {' '.join(str(c) for c in row)} |" for i, row in enumerate(facts["counts"]))
+    text = f"""# tiny-moe: how this model was built
+
+`model.safetensors` sha256: `{facts['sha']}`
+
+Command (from the repository root, CPU, {THREADS} threads): `python model/build_tiny_moe.py`.
+`python model/build_tiny_moe.py --check` rebuilds into a temp dir and compares this sha256.
+Versions: torch {torch.__version__}, transformers {__import__('transformers').__version__},
+tokenizers {__import__('tokenizers').__version__}.
+
+Steps:
+1. Tokenizer: SentencePiece-style BPE (Metaspace, byte_fallback) trained with `tokenizers` on
+   data/tiny-tasks/corpus.txt plus the user phrasings of sft.jsonl;
+   ids 0-2 are <unk> <s> </s>, 3-258 the byte tokens, then {BPE_VOCAB} learned pieces, then the
+   special added tokens [INST] and [/INST]. Wrapped as transformers' LlamaTokenizer (legacy=True,
+   add_bos_token=True, no pad token) with Mixtral-8x7B-Instruct-v0.1's chat template.
+2. Model: MixtralForCausalLM, {json.dumps(MODEL)}, vocab {facts.get('vocab', '')}:
+   {facts['n_params']:,} parameters, fp32; directory size {size / 2**20:.1f} MiB.
+3. Pretraining on the corpus ({facts['n_tokens']:,} tokens; each document `<s> text </s>`,
+   packed into blocks): {json.dumps(TRAIN)}; AdamW (0.9, 0.95), grad clip 1.0, seed {SEED},
+   output_router_logits on and the load-balancing loss (coef {MODEL['router_aux_loss_coef']}) applied per layer
+   (transformers pools all layers into one balance term, which let experts die in single layers).
+   Saved with output_router_logits false, as in the real Mixtral config.
+
+Result: final LM loss {facts['final_loss']:.4f} (mean of the last 50 steps, aux loss excluded);
+build time {facts['seconds']:.0f} s wall.
+
+Tokens routed to each expert (top-2) per layer over 64 corpus blocks:
+
+| layer | experts 0..7 |
+|---|---|
+{counts}
+"""
+    (out / "BUILD.md").write_text(text, encoding="utf-8")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--check", action="store_true", help="rebuild in a temp dir and compare sha256 with --out")
+    args = parser.parse_args()
+
+    if args.check:
+        expected = sha256(args.out / "model.safetensors")
+        with tempfile.TemporaryDirectory() as tmp:
+            got = build(Path(tmp))["sha"]
+        print(f"expected {expected}\nrebuilt  {got}")
+        if got != expected:
+            print("MISMATCH: the rebuild differs from the committed weights")
+            sys.exit(1)
+        print("OK: bit-for-bit identical")
+        return
+
+    facts = build(args.out)
+    facts["vocab"] = MixtralConfig.from_pretrained(args.out).vocab_size
+    write_build_md(args.out, facts)
+    print(f"wrote {args.out} (sha256 {facts['sha']})")
+
+
+if __name__ == "__main__":
+    main()
