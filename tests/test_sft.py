@@ -131,6 +131,7 @@ def test_output_dir_is_not_overwritten_by_accident(tmp_path, tiny_mixtral, sft_f
 
 def test_same_recipe_same_adapter(tmp_path, tiny_mixtral, sft_file):
     """Seeded before TRL builds the PEFT model, so a recipe reproduces its adapter bit for bit."""
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     first, _ = train(tmp_path / "a", tiny_mixtral, sft_file)
     second, _ = train(tmp_path / "b", tiny_mixtral, sft_file)
     assert (first / "adapter_model.safetensors").read_bytes() == (second / "adapter_model.safetensors").read_bytes()
