@@ -56,6 +56,7 @@ def load_for_inference(name: str, dtype: str = "float32"):
     if runs.is_run(name):
         run = runs.read_run(name)
         model = load_chain(run, dtype=dtype)
+        model.config._name_or_path = str(run.path)  # reports name the run, not its base
         tokenizer = modeling.load_tokenizer(ModelSection(name_or_path=str(run.path)))
         return model, tokenizer
     section = ModelSection(name_or_path=name, dtype=dtype)

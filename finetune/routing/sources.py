@@ -8,6 +8,7 @@ then names each row's source (one mixed file can hold several). Files: .jsonl, .
 rows) and .parquet. Rows may be, as TRL's data formats:
   messages                      a conversation, rendered with the tokenizer's chat template
   prompt + completion           strings joined, or message lists rendered together
+  prompt + answer               test prompts with their expected answer, rendered like prompt + completion
   prompt + chosen + rejected    both prompt+chosen and prompt+rejected (the model sees both in DPO);
                                 the prompt may be absent (implicit-prompt preference data)
   text                          used as is
@@ -52,6 +53,10 @@ def render_row(row: dict, tokenizer=None) -> list[str]:
         return [_join(row.get("prompt"), row[key], tokenizer) for key in ("chosen", "rejected")]
     if "prompt" in row and "completion" in row:
         return [_join(row["prompt"], row["completion"], tokenizer)]
+    if "prompt" in row and "answer" in row:  # held-out test prompts (finetune eval's exact-match rows)
+        answer = str(row["answer"])
+        completion = [{"role": "assistant", "content": answer}] if _is_conversation(row["prompt"]) else answer
+        return [_join(row["prompt"], completion, tokenizer)]
     if "text" in row:
         if not isinstance(row["text"], str):
             raise ValueError("`text` must be a string")
