@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
+import pytest
 import torch
 from conftest import TINY_MOE, TINY_TASKS
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -49,3 +52,12 @@ def test_data_files_have_the_documented_forms():
     seen = {r["prompt"][0]["content"] for r in tests}
     trained = {r["messages"][0]["content"] for r in rows("sft.jsonl")} | {r["prompt"][0]["content"] for r in pairs}
     assert not seen & trained, "held-out prompts leak into training data"
+
+
+@pytest.mark.slow
+def test_build_script_reproduces_the_committed_weights():
+    """model/build_tiny_moe.py --check retrains from its seed and compares the sha256 (minutes on 2 cores)."""
+    proc = subprocess.run([sys.executable, str(TINY_MOE.parent / "build_tiny_moe.py"), "--check"],
+                          capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "bit-for-bit identical" in proc.stdout + proc.stderr
