@@ -130,3 +130,21 @@ def test_export_of_unfinished_run_is_a_user_error(tmp_path):
     (tmp_path / "run").mkdir()
     with pytest.raises(UserError, match="not a finished run"):
         export(str(tmp_path / "run"), str(tmp_path / "out"))
+
+
+def test_eval_scores_each_kind_of_file(tmp_path, dpo_run, sft_file, pref_file):
+    from conftest import write_jsonl
+
+    from finetune.cli import main
+
+    prompts = write_jsonl(tmp_path / "test.jsonl", [
+        {"prompt": [{"role": "user", "content": "reverse lamp"}], "answer": "pmal", "task": "reverse"},
+        {"prompt": [{"role": "user", "content": "reverse tiger"}], "answer": "regit", "task": "reverse"},
+    ])
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(dpo_run), "--data", str(prompts), "--data", str(pref_file), "--data", str(sft_file),
+                 "--output", str(out), "--max-new-tokens", "4"]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert 0.0 <= results[str(prompts)]["exact_match"] <= 1.0 and results[str(prompts)]["n"] == 2
+    assert 0.0 <= results[str(pref_file)]["preference_accuracy"] <= 1.0
+    assert results[str(sft_file)]["loss"] > 0 and results[str(sft_file)]["tokens"] > 0
