@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="directory to write the checkpoint to")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"], help="dtype of the saved weights")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    p.add_argument("--forward-check", default="auto", choices=["auto", "full", "truncated"],
+                   help="logit check on the whole model, or on its first/middle/last decoder layers "
+                        "(auto: whole model when it fits in half the available memory twice over)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output directory")
 
     p = sub.add_parser("eval", help="loss, exact-match and preference accuracy of a model, run or export")
@@ -111,7 +114,8 @@ def dispatch(args) -> int:
     if args.command == "export":
         from finetune.export import export
 
-        export(args.run, args.output, dtype=args.dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+        export(args.run, args.output, dtype=args.dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+               forward_check=args.forward_check)
         return 0
     if args.command == "eval":
         from finetune.evaluate import evaluate_cli

@@ -1,15 +1,19 @@
-"""Export: merge a run's adapter chain into a standalone, verified instruct checkpoint.
+"""Export: merge a run's adapter chain into a standalone, verified instruct checkpoint, streaming.
 
     finetune export runs/tiny-moe/dpo --output exports/tiny-moe-instruct [--dtype bfloat16]
+        [--max-shard-size 5GB] [--forward-check auto|full|truncated]
 
-The checkpoint is what transformers itself writes (sharded safetensors; for Mixtral the
-per-expert `block_sparse_moe.experts.N.w1/w2/w3` keys, so other tools load it), plus the
-tokenizer with its chat template, a generation_config whose EOS is the template's end-of-turn
-token, and a model card. Before the output appears, the written files are loaded back with plain
-transformers and their logits compared on a probe batch with the unmerged adapter chain (merged
-in float32); a mismatch beyond the dtype's tolerance fails the export. Everything is written to a
-temporary sibling directory and renamed into place, so an interrupted export never leaves a
-half checkpoint under --output, and running it again simply replaces the previous export.
+The base checkpoint is merged shard by shard (finetune/merge.py), so the export needs memory for
+about one base shard plus the largest adapted parameter, not the model. The output is what
+transformers itself writes (sharded safetensors with the index; for Mixtral the per-expert
+`block_sparse_moe.experts.N.w1/w2/w3` keys), config, the tokenizer with its chat template in a
+class transformers 4.x and 5.x both load, a generation_config whose EOS is the template's
+end-of-turn token, export.json and a model card. Before the output appears it is verified
+(finetune/verify.py): every merged tensor against PEFT's own deltas, the written bytes against
+the merged tensors, and logits on a probe batch (whole model, or first/middle/last decoder layers
+when it does not fit in memory). Everything is written to a temporary sibling directory and
+renamed into place, so a failed or interrupted export leaves nothing under --output and running
+it again replaces the previous export. Files get the permissions an ordinary save gives (umask).
 """
 
 from __future__ import annotations
@@ -17,24 +21,24 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import shutil
-import tempfile
+import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, GenerationConfig
+from transformers import GenerationConfig
 
-from finetune import chain, modeling, runs
-from finetune.errors import CheckFailed, UserError
+from finetune import chain, merge, modeling, runs, shards, verify
+from finetune.errors import UserError
 from finetune.model_card import write_model_card
 from finetune.recipe import ModelSection
+from finetune.tokenizer_files import save_tokenizer
 
 log = logging.getLogger("finetune")
 
-# Largest relative logit error, max|merged - chain| / max|chain|, accepted for each output dtype:
-# float32 only reorders sums; 16-bit formats round every weight once (bfloat16 keeps 8 bits).
-TOLERANCE = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 4e-2}
 MANIFEST = "export.json"
+FORWARD_CHECKS = ("auto", "full", "truncated")
 
 
 def end_of_turn_token(tokenizer) -> str:
@@ -49,7 +53,7 @@ def end_of_turn_token(tokenizer) -> str:
 
 
 def probe_batch(tokenizer, length: int = 32) -> torch.Tensor:
-    """A fixed, deterministic conversation, tokenized: the inputs the merge check compares on."""
+    """A fixed, deterministic conversation, tokenized: the inputs the forward checks compare on."""
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": "Check the merge: reverse lamp, then add 3 and 4."},
          {"role": "assistant", "content": "pmal 7"}], tokenize=False)
@@ -75,49 +79,80 @@ def _swap_into_place(tmp: Path, output: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def export(run_dir: str, output: str, dtype: str = "bfloat16", max_shard_size: str = "5GB", overwrite: bool = False) -> Path:
+def _make_tmp(output: Path) -> Path:
+    """An empty sibling directory, created with the umask's permissions (tempfile.mkdtemp's 0700
+    would make the export unreadable to other users and serving processes)."""
+    while True:
+        tmp = output.with_name(f".{output.name}.tmp-{secrets.token_hex(4)}")
+        try:
+            tmp.mkdir(mode=0o777)
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def _generation_config(tokenizer, directory: Path) -> str:
+    eot = end_of_turn_token(tokenizer)
+    eos_ids = [tokenizer.convert_tokens_to_ids(eot)]
+    if tokenizer.eos_token_id not in eos_ids:
+        eos_ids.append(tokenizer.eos_token_id)
+    gen = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=eos_ids if len(eos_ids) > 1 else eos_ids[0],
+        pad_token_id=tokenizer.pad_token_id, do_sample=False,
+    )
+    gen.save_pretrained(directory)
+    return eot
+
+
+def export(run_dir: str, output: str, dtype: str = "bfloat16", max_shard_size: str = "5GB", overwrite: bool = False,
+           forward_check: str = "auto", progress: bool = True) -> Path:
+    started = time.perf_counter()
     run = runs.read_run(run_dir)
     output = Path(output).resolve()
+    if forward_check not in FORWARD_CHECKS:
+        raise UserError(f"--forward-check {forward_check!r}: choose one of {', '.join(FORWARD_CHECKS)}")
+    shards.parse_size(max_shard_size)
     _check_destination(output, overwrite)
-    output.parent.mkdir(parents=True, exist_ok=True)
+    base_dir = shards.checkpoint_dir(run.recipe.model.name_or_path)
+    adapter_dirs = chain.adapter_dirs(run)
     tokenizer = modeling.load_tokenizer(ModelSection(name_or_path=str(run.path)))
-    probe = probe_batch(tokenizer)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    torch_dtype = modeling.DTYPES[dtype]
 
-    log.info("rebuilding the adapter chain of %s in float32", run.path)
-    unmerged = chain.load_chain(run, dtype="float32", keep_last=True)
-    reference = chain.probe_logits(unmerged, probe)
-    merged = unmerged.merge_and_unload() if hasattr(unmerged, "merge_and_unload") else unmerged
-    merged = merged.to(modeling.DTYPES[dtype])
-
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    tmp = _make_tmp(output)
     try:
-        merged.save_pretrained(tmp, max_shard_size=max_shard_size)
-        tokenizer.save_pretrained(tmp)
-        eot = end_of_turn_token(tokenizer)
-        eos_ids = [tokenizer.convert_tokens_to_ids(eot)]
-        if tokenizer.eos_token_id not in eos_ids:
-            eos_ids.append(tokenizer.eos_token_id)
-        gen = GenerationConfig(
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=eos_ids if len(eos_ids) > 1 else eos_ids[0],
-            pad_token_id=tokenizer.pad_token_id, do_sample=False,
-        )
-        gen.save_pretrained(tmp)
+        config = merge.load_config(base_dir)
+        adapters = merge.read_chain(config, adapter_dirs)
+        log.info("merging %d adapter(s) into %s, one shard at a time", len(adapters), base_dir)
+        merged = merge.merge_checkpoint(base_dir, adapters, tmp, torch_dtype, max_shard_size,
+                                        reference=verify.peft_reference(adapters), progress=progress)
+        del adapters
+        verify.check_files(tmp, merged["digests"])
+        config.dtype = torch_dtype
+        config.save_pretrained(tmp)
+        tokenizer_info = save_tokenizer(tokenizer, tmp)
+        eot = _generation_config(tokenizer, tmp)
 
-        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=modeling.DTYPES[dtype])
-        got = chain.probe_logits(reloaded.eval(), probe)
-        error = ((got - reference).abs().max() / reference.abs().max().clamp(min=1e-6)).item()
-        if not error <= TOLERANCE[dtype]:
-            raise CheckFailed(
-                f"export check failed: the merged {dtype} checkpoint's logits differ from the adapter chain by "
-                f"{error:.2e} (relative), above the {TOLERANCE[dtype]:.0e} allowed for {dtype}; nothing was written to {output}"
-            )
-        manifest = {"run": str(run.path), "chain": run.chain, "dtype": dtype, "probe_relative_error": error,
-                    "tolerance": TOLERANCE[dtype], "end_of_turn_token": eot}
+        forward = verify.forward_check(base_dir, adapter_dirs, tmp, torch_dtype, probe_batch(tokenizer),
+                                       forward_check, tmp / ".verify")
+        manifest = {
+            "run": str(run.path), "chain": run.chain, "dtype": dtype, "base_checkpoint": str(base_dir),
+            "shards": merged["shards"], "max_shard_size": max_shard_size,
+            "checks": {"tensors": {**merged["tensor_check"], "checked": merged["adapted_tensors"]},
+                       "files": {"tensors": merged["tensors"], "byte_identical": True},
+                       "forward": forward},
+            "tokenizer": tokenizer_info, "end_of_turn_token": eot,
+            "seconds": time.perf_counter() - started,
+        }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        write_model_card(tmp, run, manifest)
+        write_model_card(tmp, output.name, run, manifest)
         _swap_into_place(tmp, output)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    print(f"exported {run.path} -> {output} ({dtype}; merge check: relative logit error {error:.2e} <= {TOLERANCE[dtype]:.0e})")
+    checks = manifest["checks"]
+    print(f"exported {run.path} -> {output} ({dtype}, {len(merged['shards'])} shard(s)); checks passed: tensors vs PEFT "
+          f"{checks['tensors']['max_relative_error']:.1e}, float32 merge vs chain {forward['merge_relative_error']:.1e}, "
+          f"files byte-identical, logits vs merged-and-rounded {forward['files_relative_error']:.1e} ({forward['mode']}); "
+          f"{dtype} rounding moves the logits by {forward['rounding_relative_error']:.1e} (relative, information)")
     return output

@@ -1,10 +1,12 @@
-"""The model card (README.md) of an exported checkpoint: base model, data, recipes, metrics.
+"""The model card (README.md) of an exported checkpoint: base model, data, recipes, checks, usage.
 
-Written by finetune/export.py; a person reading the exported directory learns where it came from.
+Written by finetune/export.py (`finetune export RUN --output DIR`); a person reading the exported
+directory learns where it came from, and its snippet runs as written with transformers 4.x and 5.x.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import yaml
@@ -12,12 +14,20 @@ import yaml
 from finetune.recipe import recipe_to_dict
 from finetune.runs import Run, read_run
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def hub_id(name: str) -> str | None:
+    """The name if it is a hub id, None for a local path (which must not go into `base_model:`:
+    tools such as llama.cpp's converter turn that field into a hub URL)."""
+    return name if HUB_ID.match(name) and not Path(name).exists() else None
+
 
 def _stage_section(stage_run: Run) -> list[str]:
     r = stage_run.recipe
     m = stage_run.metrics
     final = m.get("final", {})
-    lines = [
+    return [
         f"### {m.get('stage', '?').upper()}: `{stage_run.path}`",
         "",
         f"- data: {', '.join(f'`{d}`' for d in r.data.train)}",
@@ -33,36 +43,51 @@ def _stage_section(stage_run: Run) -> list[str]:
         "</details>",
         "",
     ]
-    return lines
 
 
-def write_model_card(directory: Path, run: Run, manifest: dict) -> None:
-    base = run.chain[0]["model"]
-    stages = [read_run(link["run"]) for link in run.chain if link["kind"] != "base"]
-    lines = [
-        "---",
-        f"base_model: {base}",
-        "library_name: transformers",
-        "tags: [mixture-of-experts, lora, sft, dpo, finetune]",
-        "---",
-        "",
-        f"# Instruct model fine-tuned from `{base}`",
-        "",
-        "Chain: " + " -> ".join([f"base `{base}`"] + [f"{s.metrics.get('stage', '?')} `{s.path.name}`" for s in stages]),
-        "",
-        f"Adapters merged into the base weights and saved in {manifest['dtype']}. Merge check: the saved weights' logits "
-        f"match the unmerged adapter chain within {manifest['probe_relative_error']:.2e} (relative; allowed "
-        f"{manifest['tolerance']:.0e}). Generation stops at `{manifest['end_of_turn_token']}`, the chat template's end of turn.",
-        "",
-        "Load it with plain transformers:",
-        "",
+def usage_snippet(name: str) -> list[str]:
+    """Chat with the checkpoint: apply_chat_template returns a BatchEncoding with return_dict=True
+    (transformers 5 returns one even without it), so the inputs go to generate as keywords."""
+    return [
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        f'tok = AutoTokenizer.from_pretrained("{directory.name}")',
-        f'model = AutoModelForCausalLM.from_pretrained("{directory.name}")',
-        'ids = tok.apply_chat_template([{"role": "user", "content": "..."}], add_generation_prompt=True, return_tensors="pt")',
-        "print(tok.decode(model.generate(ids, max_new_tokens=64)[0]))",
+        "",
+        f'tok = AutoTokenizer.from_pretrained("{name}")',
+        f'model = AutoModelForCausalLM.from_pretrained("{name}")',
+        'messages = [{"role": "user", "content": "reverse lamp"}]',
+        'inputs = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)',
+        "output = model.generate(**inputs, max_new_tokens=64)",
+        'print(tok.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
         "```",
+    ]
+
+
+def write_model_card(directory: Path, name: str, run: Run, manifest: dict) -> None:
+    """directory: where to write now (the temporary one); name: the export's final directory name."""
+    base = run.chain[0]["model"]
+    stages = [read_run(link["run"]) for link in run.chain if link["kind"] != "base"]
+    checks = manifest["checks"]
+    forward = checks["forward"]
+    meta = ["---"]
+    if hub_id(base):
+        meta.append(f"base_model: {base}")
+    meta += ["library_name: transformers", "tags: [mixture-of-experts, lora, sft, dpo, finetune]", "---", ""]
+    base_text = f"`{base}`" if hub_id(base) else f"the local checkpoint `{base}`"
+    lines = meta + [
+        f"# Instruct model fine-tuned from {base_text}",
+        "",
+        "Chain: " + " -> ".join([f"base {base_text}"] + [f"{s.metrics.get('stage', '?')} `{s.path.name}`" for s in stages]),
+        "",
+        f"Adapters merged into the base weights in float32 and saved in {manifest['dtype']}. Checks "
+        f"({forward['mode']}): merged tensors equal base + PEFT's deltas within "
+        f"{checks['tensors']['max_relative_error']:.1e}; the float32 merge's logits match the unmerged chain within "
+        f"{forward['merge_relative_error']:.1e}; the written files are byte-identical to the merged tensors; "
+        f"{manifest['dtype']} rounding moves the logits by {forward['rounding_relative_error']:.1e} (relative). "
+        f"Generation stops at `{manifest['end_of_turn_token']}`, the chat template's end of turn.",
+        "",
+        f"Chat with it in plain transformers (from the directory that holds `{name}`, or with its full path):",
+        "",
+        *usage_snippet(name),
         "",
         "## Stages",
         "",

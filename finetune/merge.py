@@ -1,0 +1,171 @@
+"""Streaming merge: base checkpoint shards + a chain of LoRA adapters -> merged safetensors shards.
+
+    finetune export RUN --output DIR [--dtype bfloat16] [--max-shard-size 5GB]   (finetune/export.py)
+
+The base checkpoint is read one shard at a time, tensor by tensor. Each tensor the chain adapts
+gets the chain's terms (finetune/deltas.py) in float32 and is rounded once to the output dtype;
+the others are only cast. Deltas are computed in the model's layout (Mixtral's fused
+`mlp.experts.gate_up_proj`) and mapped to the on-disk layout (`block_sparse_moe.experts.N.w1`
+and `w3`) with transformers' own reverse weight conversion, the one `save_pretrained` uses, so
+the written keys are the ones transformers itself saves and other MoE families need no table.
+A parameter's delta is built when its first on-disk tensor comes and dropped after its last, so
+peak memory is about one base shard (memory-mapped) plus the largest adapted parameter's delta,
+whatever the model's size. With `reference`, every adapted tensor is also computed through an
+independent route (finetune/verify.py: PEFT's own delta code) and compared before it is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig
+from transformers.core_model_loading import dot_natural_key, revert_weight_conversion
+
+from finetune import deltas, modeling, shards
+from finetune.errors import CheckFailed, UserError
+
+log = logging.getLogger("finetune")
+
+# Largest relative difference, max|merge - independent| / max|independent| per tensor, between the
+# merge's float32 tensors and the independent route's: both are float32 sums of the same terms,
+# computed with different GEMM orders, so only float32 rounding (about 1e-7) separates them.
+TENSOR_TOLERANCE = 1e-5
+
+
+def load_config(base_dir: Path):
+    try:
+        return AutoConfig.from_pretrained(base_dir)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{base_dir}: cannot read the base model's config.json ({exc})") from None
+
+
+def to_disk_layout(meta_model, param: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One parameter's tensor in the model's layout -> the on-disk tensors transformers saves for it."""
+    return revert_weight_conversion(meta_model, {param: value})
+
+
+def read_chain(config, adapter_dirs: list[Path]) -> list[deltas.Adapter]:
+    return [deltas.read_adapter(lambda: modeling.meta_model(config), Path(d)) for d in adapter_dirs]
+
+
+def merge_checkpoint(base_dir: Path, adapters: list[deltas.Adapter], out_dir: Path, dtype: torch.dtype,
+                     max_shard_size: str | int = "5GB", reference=None, progress: bool = True) -> dict:
+    """Write the merged checkpoint's weights (shards + index) into out_dir; return what was written.
+
+    adapters: read_chain(config, adapter_dirs), oldest first.
+
+    reference(term) -> float32 tensor: the independent route for one term's value, or None to skip
+    the tensor check.
+    """
+    from tqdm.auto import tqdm
+
+    started = time.perf_counter()
+    max_bytes = shards.parse_size(max_shard_size)
+    config = load_config(base_dir)
+    meta = modeling.meta_model(config)
+    terms = deltas.chain_terms(adapters)
+    files = shards.shard_files(base_dir)
+    specs = shards.tensor_specs(files)
+
+    owner: dict[str, str] = {}
+    pieces: dict[str, int] = {}
+    for param, param_terms in terms.items():
+        keys = list(to_disk_layout(meta, param, torch.empty(param_terms[0].shape, device="meta")))
+        missing = [k for k in keys if k not in specs]
+        if missing:
+            raise UserError(
+                f"{base_dir}: the adapters change `{param}`, stored as `{missing[0]}` in the layout transformers saves, "
+                f"but the base checkpoint has no such tensor; re-save the base with transformers' save_pretrained"
+            )
+        owner.update((k, param) for k in keys)
+        pieces[param] = len(keys)
+
+    def out_dtype(d: torch.dtype) -> torch.dtype:
+        return dtype if d.is_floating_point else d
+
+    # Base order, with the pieces of one parameter next to each other so its delta lives briefly.
+    order = []
+    for file in files:
+        keys = [k for k, spec in specs.items() if spec[0] == file]
+        keys.sort(key=lambda k: (dot_natural_key(owner.get(k, k)), dot_natural_key(k)))
+        order += keys
+    plan = shards.plan_shards([(k, specs[k][1], out_dtype(specs[k][2])) for k in order], max_bytes)
+    names = shards.shard_names(len(plan))
+
+    cache: dict[str, dict] = {}
+
+    def pieces_of(param: str) -> dict:
+        entry = cache.get(param)
+        if entry is None:
+            entry = {"left": pieces[param],
+                     "mine": [(t.kind, to_disk_layout(meta, param, t.value())) for t in terms[param]],
+                     "ref": [(t.kind, to_disk_layout(meta, param, reference(t))) for t in terms[param]] if reference else None}
+            cache[param] = entry
+        return entry
+
+    digests: dict[str, str] = {}
+    worst = {"error": 0.0, "tensor": None}
+    current_file, handle = None, None
+    bar = tqdm(total=len(files), desc="merging base shards", unit="shard", disable=not progress)
+    try:
+        for name, entries in zip(names, plan):
+            writer = shards.ShardWriter(out_dir / name, entries)
+            for key, _, want in entries:
+                file = specs[key][0]
+                if file != current_file:
+                    if handle is not None:
+                        handle.__exit__(None, None, None)
+                        bar.update(1)
+                    handle = safe_open(str(file), "pt").__enter__()
+                    current_file = file
+                base = handle.get_tensor(key)
+                if key in owner:
+                    param = owner[key]
+                    entry = pieces_of(param)
+                    merged = deltas.apply_terms(base.float(), [(kind, d.pop(key)) for kind, d in entry["mine"]])
+                    if entry["ref"] is not None:
+                        expected = deltas.apply_terms(base.float(), [(kind, d.pop(key)) for kind, d in entry["ref"]])
+                        error = ((merged - expected).abs().max() / expected.abs().max().clamp(min=1e-12)).item()
+                        if error > worst["error"] or worst["tensor"] is None:
+                            worst.update(error=error, tensor=key)
+                        if not error <= TENSOR_TOLERANCE:
+                            raise CheckFailed(
+                                f"export check failed: merged tensor {key} differs from base + the chain's deltas computed "
+                                f"by PEFT by {error:.2e} (relative), above {TENSOR_TOLERANCE:.0e}"
+                            )
+                    entry["left"] -= 1
+                    if entry["left"] == 0:
+                        del cache[param]
+                    out = merged.to(want)
+                else:
+                    out = base.to(want)
+                digests[key] = writer.write(key, out)
+                del base, out
+            writer.close()
+        if handle is not None:
+            handle.__exit__(None, None, None)
+            handle = None
+            bar.update(1)
+    finally:
+        if handle is not None:
+            handle.__exit__(None, None, None)
+        bar.close()
+    shards.write_index(out_dir, names, plan)
+    leftover = [p for p, e in cache.items() if e["left"]]
+    if leftover:
+        raise RuntimeError(f"merge: deltas of {leftover[:3]} were not all written")
+    return {
+        "shards": names,
+        "tensors": len(order),
+        "adapted_tensors": len(owner),
+        "digests": digests,
+        "tensor_check": None if reference is None else {
+            "max_relative_error": worst["error"], "worst_tensor": worst["tensor"], "tolerance": TENSOR_TOLERANCE},
+        "config": config,
+        "adapters": adapters,
+        "seconds": time.perf_counter() - started,
+    }
