@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from finetune import modeling, runs
+from finetune.adapter_card import write_adapter_card
 from finetune.errors import UserError
 from finetune.lora import Plan, trainable_by_group, verify_adapters
 from finetune.recipe import Recipe
@@ -187,6 +188,7 @@ def train_and_save(stage: str, trainer, tokenizer, out: Path, recipe: Recipe, ch
     if not trainer.is_world_process_zero():
         return None
     save_adapter(trainer.model, out)
+    write_adapter_card(out, stage, chain)
     tokenizer.save_pretrained(out)
     metrics = {
         "stage": stage,
