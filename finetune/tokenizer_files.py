@@ -43,6 +43,8 @@ def save_tokenizer(tokenizer, directory: Path) -> dict:
     config_file = directory / "tokenizer_config.json"
     config = json.loads(config_file.read_text())
     config["tokenizer_class"] = PORTABLE_CLASS
+    for key in ("is_local", "local_files_only"):  # how transformers 5 loaded it here, not a property of the tokenizer
+        config.pop(key, None)
     tokenizer_json = directory / "tokenizer.json"
     if tokenizer_json.is_file() and not (directory / "tokenizer.model").is_file():
         # With a sentencepiece tokenizer.model the converter reads the prefix rule from that file instead.

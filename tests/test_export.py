@@ -241,3 +241,65 @@ def test_eval_scores_each_kind_of_file(tmp_path, dpo_run, sft_file, pref_file):
     assert 0.0 <= results[str(prompts)]["exact_match"] <= 1.0 and results[str(prompts)]["n"] == 2
     assert 0.0 <= results[str(pref_file)]["preference_accuracy"] <= 1.0
     assert results[str(sft_file)]["loss"] > 0 and results[str(sft_file)]["tokens"] > 0
+
+
+def test_exported_tokenizer_loads_with_a_class_4x_knows_and_same_ids(tmp_path):
+    from conftest import TINY_MOE, TINY_TASKS
+
+    from finetune import modeling
+    from finetune.recipe import ModelSection
+    from finetune.tokenizer_files import save_tokenizer
+
+    tok = modeling.load_tokenizer(ModelSection(name_or_path=str(TINY_MOE)))
+    save_tokenizer(tok, tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    # llama.cpp's converter reads this into tokenizer.ggml.add_space_prefix (no extra space after [INST])
+    assert config["add_prefix_space"] is False
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    prompts = [json.loads(line)["prompt"] for line in (TINY_TASKS / "test.jsonl").read_text().splitlines()]
+    assert len(prompts) == 160
+    for prompt in prompts:
+        assert again.apply_chat_template(prompt, add_generation_prompt=True) == tok.apply_chat_template(prompt, add_generation_prompt=True)
+
+
+def _random_adapter_chain(tmp_path, tokenizer, layers=5):
+    from peft import LoraConfig, get_peft_model
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                           tie_word_embeddings=False)
+    base = tmp_path / "base"
+    MixtralForCausalLM(config).save_pretrained(base)
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], target_parameters=["experts.gate_up_proj"],
+                      init_lora_weights=False)
+    peft_model = get_peft_model(MixtralForCausalLM.from_pretrained(base), lora)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    return base, [tmp_path / "adapter"]
+
+
+def test_truncated_forward_check_loads_first_middle_last_layers(tmp_path, tokenizer, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    from finetune import verify
+
+    base, adapters = _random_adapter_chain(tmp_path, tokenizer)
+    out = tmp_path / "out"
+    out.mkdir()
+    info = merge.merge_checkpoint(base, merge.read_chain(merge.load_config(base), adapters), out, torch.float32,
+                                  progress=False)
+    info["config"].save_pretrained(out)
+    probe = torch.tensor([[1, 5, 9, 13, 17, 2]])
+    monkeypatch.setattr(shards, "free_bytes_estimate", lambda: 10_000)  # "does not fit": auto truncates
+    result = verify.forward_check(base, adapters, out, torch.float32, probe, "auto", tmp_path / "scratch")
+    assert result["mode"] == "truncated to decoder layers [0, 2, 4]"
+    assert result["merge_relative_error"] <= 1e-4 and result["files_relative_error"] <= 1e-4
+    assert not (tmp_path / "scratch").exists()
+
+    weights = load_file(out / "model.safetensors")
+    weights["model.layers.2.self_attn.q_proj.weight"] = weights["model.layers.2.self_attn.q_proj.weight"] * -1
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckFailed, match="written checkpoint's logits differ"):
+        verify.forward_check(base, adapters, out, torch.float32, probe, "truncated", tmp_path / "scratch")
