@@ -91,6 +91,23 @@ def _make_tmp(output: Path) -> Path:
             continue
 
 
+def _save_config(config, dtype: torch.dtype, directory: Path) -> None:
+    """config.json in the output dtype, readable by transformers 4.x too: 5.x writes the RoPE settings
+    only as `rope_parameters`, which 4.x does not read; it then takes the architecture's default
+    (rope_theta 1e6 for Mixtral) and computes another model without a word (logits 7.6 off on the
+    bundled default). The legacy keys carry the same values."""
+    config.dtype = dtype
+    config.save_pretrained(directory)
+    path = directory / "config.json"
+    raw = json.loads(path.read_text())
+    rope = raw.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" in rope:
+        raw.setdefault("rope_theta", rope["rope_theta"])
+        if rope.get("rope_type", "default") != "default":
+            raw.setdefault("rope_scaling", {k: v for k, v in rope.items() if k != "rope_theta"})
+    path.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+
+
 def _generation_config(tokenizer, directory: Path) -> str:
     eot = end_of_turn_token(tokenizer)
     eos_ids = [tokenizer.convert_tokens_to_ids(eot)]
@@ -128,8 +145,7 @@ def export(run_dir: str, output: str, dtype: str = "bfloat16", max_shard_size: s
                                         reference=verify.peft_reference(adapters), progress=progress)
         del adapters
         verify.check_files(tmp, merged["digests"])
-        config.dtype = torch_dtype
-        config.save_pretrained(tmp)
+        _save_config(config, torch_dtype, tmp)
         tokenizer_info = save_tokenizer(tokenizer, tmp)
         eot = _generation_config(tokenizer, tmp)
 

@@ -43,6 +43,8 @@ def save_tokenizer(tokenizer, directory: Path) -> dict:
     config_file = directory / "tokenizer_config.json"
     config = json.loads(config_file.read_text())
     config["tokenizer_class"] = PORTABLE_CLASS
+    # 4.x's PreTrainedTokenizerFast would also return token_type_ids, which generate(**inputs) refuses.
+    config["model_input_names"] = list(tokenizer.model_input_names)
     for key in ("is_local", "local_files_only"):  # how transformers 5 loaded it here, not a property of the tokenizer
         config.pop(key, None)
     tokenizer_json = directory / "tokenizer.json"

@@ -86,7 +86,11 @@ def test_bfloat16_export_passes_and_reports_its_rounding(tmp_path, dpo_run):
     forward = json.loads((out / "export.json").read_text())["checks"]["forward"]
     assert forward["files_relative_error"] <= 1e-4 < forward["rounding_relative_error"]
     assert {t.dtype for t in _tensors(out).values()} == {torch.bfloat16}
-    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    config = json.loads((out / "config.json").read_text())
+    assert config["dtype"] == "bfloat16"
+    # transformers 4.x reads rope_theta only (else Mixtral's default 1e6: another model, silently)
+    assert config["rope_theta"] == config["rope_parameters"]["rope_theta"]
+    assert json.loads((out / "tokenizer_config.json").read_text())["model_input_names"] == ["input_ids", "attention_mask"]
 
 
 def test_exported_checkpoint_chats_with_plain_transformers(tmp_path, dpo_run):
