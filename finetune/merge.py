@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from transformers import AutoConfig
-from transformers.core_model_loading import dot_natural_key, revert_weight_conversion
+from transformers.core_model_loading import revert_weight_conversion
 
 from finetune import deltas, modeling, shards
 from finetune.errors import CheckFailed, UserError
@@ -43,6 +43,22 @@ def load_config(base_dir: Path):
         raise UserError(f"{base_dir}: cannot read the base model's config.json ({exc})") from None
 
 
+def disk_layout_model(config):
+    """The model on the meta device, with the conversions transformers reverses on save attached.
+
+    revert_weight_conversion would otherwise rebuild them from the module tree on every call (70 ms
+    for a 184-layer model: minutes over an export); the list is what it builds for a model made
+    from a config (no legacy renamings, no prefix changes).
+    """
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import PrefixChange
+
+    meta = modeling.meta_model(config)
+    conversions = get_model_conversion_mapping(meta, add_legacy=False)
+    meta._weight_conversions = [c for c in conversions if not isinstance(c, PrefixChange)]
+    return meta
+
+
 def to_disk_layout(meta_model, param: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
     """One parameter's tensor in the model's layout -> the on-disk tensors transformers saves for it."""
     return revert_weight_conversion(meta_model, {param: value})
@@ -50,6 +66,11 @@ def to_disk_layout(meta_model, param: str, value: torch.Tensor) -> dict[str, tor
 
 def read_chain(config, adapter_dirs: list[Path]) -> list[deltas.Adapter]:
     return [deltas.read_adapter(lambda: modeling.meta_model(config), Path(d)) for d in adapter_dirs]
+
+
+def _natural(key: str) -> tuple:
+    """`layers.2` before `layers.10` (transformers' dot_natural_key does this with a regex, 100x slower)."""
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in key.split("."))
 
 
 def merge_checkpoint(base_dir: Path, adapters: list[deltas.Adapter], out_dir: Path, dtype: torch.dtype,
@@ -66,7 +87,7 @@ def merge_checkpoint(base_dir: Path, adapters: list[deltas.Adapter], out_dir: Pa
     started = time.perf_counter()
     max_bytes = shards.parse_size(max_shard_size)
     config = load_config(base_dir)
-    meta = modeling.meta_model(config)
+    meta = disk_layout_model(config)
     terms = deltas.chain_terms(adapters)
     files = shards.shard_files(base_dir)
     specs = shards.tensor_specs(files)
@@ -91,7 +112,7 @@ def merge_checkpoint(base_dir: Path, adapters: list[deltas.Adapter], out_dir: Pa
     order = []
     for file in files:
         keys = [k for k, spec in specs.items() if spec[0] == file]
-        keys.sort(key=lambda k: (dot_natural_key(owner.get(k, k)), dot_natural_key(k)))
+        keys.sort(key=lambda k: (_natural(owner.get(k, k)), _natural(k)))
         order += keys
     plan = shards.plan_shards([(k, specs[k][1], out_dtype(specs[k][2])) for k in order], max_bytes)
     names = shards.shard_names(len(plan))

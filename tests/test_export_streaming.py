@@ -1,8 +1,8 @@
-"""Slow: `finetune export` of a 2.4 GB model in 100 MB shards stays within a fraction of its size.
+"""Slow: `finetune export` of a 3.2 GB model in 100 MB shards stays within a fraction of its size.
 
     pytest -m slow tests/test_export_streaming.py -s   (prints the measured figures)
 
-The base is a random Mixtral-architecture checkpoint (184 small decoder layers, float32) written
+The base is a random Mixtral-architecture checkpoint (68 decoder layers, float32) written
 shard by shard in the on-disk layout transformers saves, so building it never holds more than a
 shard; the chain is two adapters written directly in PEFT's format (SFT-like: attention + experts
 + router trained in full; DPO-like: a different expert rank + router LoRA). The export runs in a
@@ -24,7 +24,7 @@ from conftest import TINY_MOE
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-LAYERS, HIDDEN, INTERMEDIATE, EXPERTS, VOCAB = 184, 256, 512, 8, 956
+LAYERS, HIDDEN, INTERMEDIATE, EXPERTS, VOCAB = 68, 512, 896, 8, 956
 SHARD_BYTES = 100 * 10**6
 
 
@@ -131,7 +131,7 @@ def test_streaming_export_peak_memory_is_a_fraction_of_the_model(tmp_path):
 
     base = tmp_path / "base"
     model_bytes = _write_base(base)
-    assert model_bytes >= 2.4e9
+    assert model_bytes >= 3.1e9
     sft, dpo = tmp_path / "sft-run", tmp_path / "dpo-run"
     _write_adapter(sft, base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
                                          target_parameters=["experts.gate_up_proj", "experts.down_proj"],
