@@ -45,6 +45,50 @@ class Report:
     dropped: list[Problem] = field(default_factory=list)
 
 
+def _read_text(path: Path, source: str) -> str:
+    """The file as UTF-8 text; a bad byte is reported with its line and byte offset."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"{source}: cannot read the data file ({exc.strerror or exc})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise UserError(
+            f"{source}:{line}: not valid UTF-8 at byte offset {exc.start} ({exc.reason}); "
+            "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8) or remove the bad bytes"
+        ) from None
+
+
+def _open_parquet(path: Path, source: str):
+    """Read the footer first: datasets would otherwise start a cache for a file that is not Parquet."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path)
+    except (OSError, ValueError) as exc:  # pyarrow.ArrowInvalid is a ValueError
+        raise UserError(f"{source}: not a readable Parquet file ({exc}); check the file, or give .jsonl/.json") from None
+
+
+def count_rows(source: str) -> int | None:
+    """Rows in a local data file, counted cheaply (Parquet: from its footer); None when unknown
+    (a hub data set, or a file that cannot be read: reading it for training reports why)."""
+    path = Path(source)
+    if path.suffix not in LOCAL_SUFFIXES or not path.is_file():
+        return None
+    try:
+        if path.suffix == ".jsonl":
+            with path.open("rb") as f:
+                return sum(1 for line in f if line.strip())
+        if path.suffix == ".json":
+            data = json.loads(path.read_bytes())
+            return len(data) if isinstance(data, list) else None
+        return _open_parquet(path, source).metadata.num_rows
+    except (OSError, ValueError, UserError):
+        return None
+
+
 def read_rows(source: str) -> list[Row]:
     """All rows of a local .jsonl/.json/.parquet file, or of a hub data set `name[:split]`."""
     path = Path(source)
@@ -53,7 +97,7 @@ def read_rows(source: str) -> list[Row]:
             raise UserError(f"data file not found: {source} (relative paths are read from {Path.cwd()})")
         if path.suffix == ".jsonl":
             rows = []
-            for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            for i, line in enumerate(_read_text(path, source).splitlines(), start=1):
                 if not line.strip():
                     continue
                 try:
@@ -63,13 +107,17 @@ def read_rows(source: str) -> list[Row]:
             return rows
         if path.suffix == ".json":
             try:
-                data = json.loads(path.read_text(encoding="utf-8"))
+                data = json.loads(_read_text(path, source))
             except json.JSONDecodeError as exc:
                 raise UserError(f"{source}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
             if not isinstance(data, list):
                 raise UserError(f"{source}: expected a JSON list of rows, got {type(data).__name__}")
             return [Row(source, i, r) for i, r in enumerate(data, start=1)]
-        table = Dataset.from_parquet(str(path))
+        parquet = _open_parquet(path, source)
+        try:
+            table = parquet.read().to_pylist()
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{source}: the Parquet file is damaged ({exc}); re-write it") from None
         return [Row(source, i, r) for i, r in enumerate(table, start=1)]
     return _read_hub(source)
 
@@ -90,6 +138,29 @@ def _read_hub(source: str) -> list[Row]:
 
 # ---------------------------------------------------------------- row checks
 
+def message_text(content, what: str) -> str:
+    """A message's content as text: a string, or a list of text parts (the OpenAI/transformers
+    multimodal shape, common in chat data) joined with newlines, as vLLM joins them."""
+    if isinstance(content, str):
+        text = content
+    elif isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content, start=1):
+            if not isinstance(part, dict) or "type" not in part:
+                raise RowError(f"`{what}` part {j} must be a mapping with `type` and `text`, got {part!r:.60}")
+            if part["type"] != "text":
+                raise RowError(f"`{what}` part {j} has type `{part['type']}`; only text parts are supported")
+            if not isinstance(part.get("text"), str):
+                raise RowError(f"`{what}` part {j} is a text part without a string `text`")
+            texts.append(part["text"])
+        text = "\n".join(texts)
+    else:
+        raise RowError(f"`{what}` must be a string or a list of text parts, got {type(content).__name__}")
+    if not text.strip():
+        raise RowError(f"`{what}` is empty")
+    return text
+
+
 def check_messages(messages, what: str = "messages", last_role: str | None = "assistant") -> list[dict]:
     if not isinstance(messages, list) or not messages:
         raise RowError(f"`{what}` must be a non-empty list of {{role, content}} messages")
@@ -99,9 +170,7 @@ def check_messages(messages, what: str = "messages", last_role: str | None = "as
             raise RowError(f"`{what}[{i}]` must have `role` and `content`")
         if m["role"] not in ROLES:
             raise RowError(f"`{what}[{i}].role` is `{m['role']}`; expected one of system, user, assistant")
-        if not isinstance(m["content"], str) or not m["content"].strip():
-            raise RowError(f"`{what}[{i}].content` is empty")
-        out.append({"role": m["role"], "content": m["content"]})
+        out.append({"role": m["role"], "content": message_text(m["content"], f"{what}[{i}].content")})
     turns = out[1:] if out[0]["role"] == "system" else out
     for i, m in enumerate(turns):
         expected = "user" if i % 2 == 0 else "assistant"
@@ -110,6 +179,15 @@ def check_messages(messages, what: str = "messages", last_role: str | None = "as
     if last_role and turns and turns[-1]["role"] != last_role:
         raise RowError(f"`{what}` must end with a {last_role} message")
     return out
+
+
+def as_messages(value, role: str, what: str) -> list:
+    """A string stands for one message of `role`; a list is messages (checked by check_messages)."""
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    if isinstance(value, list):
+        return value
+    raise RowError(f"`{what}` must be a string or a list of messages, got {type(value).__name__}")
 
 
 def sft_messages(row: dict) -> list[dict] | tuple[str, str]:
@@ -122,11 +200,7 @@ def sft_messages(row: dict) -> list[dict] | tuple[str, str]:
             if not prompt.strip() or not completion.strip():
                 raise RowError("`prompt` and `completion` must be non-empty")
             return prompt, completion
-        if isinstance(prompt, str):
-            prompt = [{"role": "user", "content": prompt}]
-        if isinstance(completion, str):
-            completion = [{"role": "assistant", "content": completion}]
-        return check_messages(list(prompt) + list(completion))
+        return check_messages(as_messages(prompt, "user", "prompt") + as_messages(completion, "assistant", "completion"))
     raise RowError(f"expected `messages` or `prompt` + `completion`; found keys {sorted(row)}")
 
 
@@ -245,13 +319,9 @@ def preference_row(value: dict, tokenizer, max_length: int) -> dict:
         texts = [prompt + chosen, prompt + rejected]
         out = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
     else:
-        if isinstance(prompt, str):
-            prompt = [{"role": "user", "content": prompt}]
-        chosen = [{"role": "assistant", "content": chosen}] if isinstance(chosen, str) else chosen
-        rejected = [{"role": "assistant", "content": rejected}] if isinstance(rejected, str) else rejected
-        prompt = check_messages(prompt, "prompt", last_role="user")
-        chosen = check_messages(prompt + list(chosen), "prompt+chosen")[len(prompt):]
-        rejected = check_messages(prompt + list(rejected), "prompt+rejected")[len(prompt):]
+        prompt = check_messages(as_messages(prompt, "user", "prompt"), "prompt", last_role="user")
+        chosen = check_messages(prompt + as_messages(chosen, "assistant", "chosen"), "prompt+chosen")[len(prompt):]
+        rejected = check_messages(prompt + as_messages(rejected, "assistant", "rejected"), "prompt+rejected")[len(prompt):]
         texts = [_render(tokenizer, prompt + chosen), _render(tokenizer, prompt + rejected)]
         out = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
     if out["chosen"] == out["rejected"]:

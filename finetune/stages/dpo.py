@@ -18,6 +18,7 @@ from pathlib import Path
 
 from finetune import chain, modeling, runs
 from finetune.data import build_datasets
+from finetune.guards import NonFiniteGuard
 from finetune.lora import lora_config
 from finetune.recipe import ModelSection, Recipe
 from finetune.stages import common
@@ -44,7 +45,7 @@ def build_trainer(recipe: Recipe, checked, aux_coef: float, parent: runs.Run, ex
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         peft_config=lora_config(checked.plan),
-        callbacks=list(extra_callbacks),
+        callbacks=[NonFiniteGuard(), *extra_callbacks],
     )
     counts = common.finish_wrap(trainer.model, checked.plan, recipe.lora.expert_path)
     common.attach_routing_metrics(trainer)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from finetune import modeling
 from finetune.data import build_datasets
+from finetune.guards import NonFiniteGuard
 from finetune.lora import lora_config
 from finetune.recipe import Recipe
 from finetune.stages import common
@@ -44,7 +45,7 @@ def run_sft(recipe: Recipe, overwrite: bool = False, callbacks=()):
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         peft_config=lora_config(checked.plan),
-        callbacks=list(callbacks),
+        callbacks=[NonFiniteGuard(), *callbacks],
     )
     counts = common.finish_wrap(trainer.model, checked.plan, recipe.lora.expert_path)
     common.attach_routing_metrics(trainer)
