@@ -31,7 +31,9 @@ class NonFiniteGuard(TrainerCallback):
         # Runs after backward (and clipping), before optimizer.step(): a non-finite loss shows
         # here as non-finite gradients at the very step it happens, before the weights are hit.
         # (Under DeepSpeed the gradients live in its partitions, not in .grad: on_log covers it.)
-        if model is None:
+        if model is None or getattr(args, "fp16", False):
+            # fp16 mixed precision: inf gradients are normal overflow, the GradScaler skips the
+            # step and lowers its scale; stopping there would end healthy runs
             return
         grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
         device = grads[0].device if grads else next(model.parameters()).device
@@ -49,6 +51,8 @@ class NonFiniteGuard(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         for key in WATCHED:
+            if key == "grad_norm" and getattr(args, "fp16", False):
+                continue  # an overflow step logs an inf norm under fp16 (see above)
             value = (logs or {}).get(key)
             if isinstance(value, (int, float)) and not math.isfinite(value):
                 raise CheckFailed(f"training stopped at step {state.global_step}: {key} is {value}; "

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+import torch
 from conftest import TINY_MOE, make_rows, recipe_file, sft_recipe, write_jsonl
 
 from finetune.cli import main
@@ -136,6 +137,43 @@ def test_values_that_are_fine(capsys, recipe, sets, sft_file, monkeypatch):
     shutil.copy(sft_file, sft_file.parent / "data.jsonl")
     code, text = run_cli(capsys, ["validate", recipe] + [a for s in sets for a in ("--set", s)])
     assert code == 0 and ": OK (sft;" in text, text
+
+
+@pytest.fixture
+def dpo_recipe(tmp_path, tiny_mixtral, sft_file, pref_file):
+    """A DPO recipe on a stand-in finished SFT run (recipe.yaml + chain.json: all validate reads)."""
+    run = tmp_path / "sft-parent"
+    run.mkdir()
+    (run / "recipe.yaml").write_text(yaml.safe_dump(sft_recipe(tmp_path, tiny_mixtral, sft_file)))
+    (run / "chain.json").write_text(json.dumps([{"kind": "base", "model": str(tiny_mixtral)}, {"kind": "sft", "run": str(run)}]))
+    return recipe_file(tmp_path, "dpo.yaml", output_dir=str(tmp_path / "dpo-run"), from_run=str(run),
+                       data={"train": [str(pref_file)], "max_length": 64}, dpo={"beta": 0.1, "max_steps": 2})
+
+
+BAD_DPO_SETS = {
+    "beta_nan": (["dpo.beta=.nan"], "dpo.beta: must be a finite number"),
+    "beta_nan_string": (["dpo.beta=nan"], "dpo.beta: must be a finite number"),
+    "batch_size_0": (["dpo.per_device_train_batch_size=0"], "dpo.per_device_train_batch_size: must be at least 1"),
+    "lr_negative": (["dpo.learning_rate=-5e-5"], "dpo.learning_rate: must be > 0"),
+    "fp16_on_cpu": (["dpo.fp16=true"], "dpo.fp16: mixed precision needs a GPU"),
+    "eval_without_data": (["dpo.eval_strategy=epoch"], "dpo.eval_strategy: `epoch` needs eval data"),
+    "loss_weights_inf": (["dpo.loss_weights=[1.0, .inf]"], "dpo.loss_weights[1]: must be a finite number"),
+    "other_base_model": ([f"model.name_or_path={TINY_MOE}"], "differs from the SFT run's base"),
+}
+
+
+@pytest.mark.parametrize("sets, message", BAD_DPO_SETS.values(), ids=BAD_DPO_SETS.keys())
+def test_bad_dpo_value(capsys, dpo_recipe, tmp_path, sets, message):
+    extra = [a for s in sets for a in ("--set", s)]
+    for command in ("validate", "dpo"):
+        code, text = run_cli(capsys, [command, dpo_recipe] + extra)
+        assert_user_error(code, text, message)
+    assert not (tmp_path / "dpo-run").exists()
+
+
+def test_good_dpo_recipe_validates(capsys, dpo_recipe):
+    code, text = run_cli(capsys, ["validate", dpo_recipe])
+    assert code == 0 and ": OK (dpo;" in text, text
 
 
 # ---------------------------------------------------------------- recipe files
@@ -352,6 +390,23 @@ def test_guard_names_the_step():
             guard.on_log(None, State(), None, logs={key: math.nan})
 
 
+def test_guard_checks_gradients_before_the_optimizer_step():
+    class State:
+        global_step = 3
+
+    class Args:
+        fp16 = False
+
+    model = torch.nn.Linear(2, 2)
+    model(torch.ones(1, 2)).sum().backward()
+    NonFiniteGuard().on_pre_optimizer_step(Args(), State(), None, model=model)  # finite: nothing happens
+    model.weight.grad[0, 0] = math.inf
+    with pytest.raises(CheckFailed, match="step 4: the gradients are not finite"):
+        NonFiniteGuard().on_pre_optimizer_step(Args(), State(), None, model=model)
+    Args.fp16 = True  # fp16: inf gradients are the GradScaler's business (it skips the step)
+    NonFiniteGuard().on_pre_optimizer_step(Args(), State(), None, model=model)
+
+
 def test_non_finite_training_stops_with_exit_1(capsys, tmp_path, tiny_mixtral, sft_file):
     """A learning rate that passes validate but blows the weights up: exit 1 naming the step, no run left marked finished."""
     recipe = recipe_file(tmp_path, **sft_recipe(tmp_path, tiny_mixtral, sft_file,
@@ -360,4 +415,3 @@ def test_non_finite_training_stops_with_exit_1(capsys, tmp_path, tiny_mixtral, s
     assert_user_error(code, text, "training stopped at step", "not finite", status=1)
     assert not (tmp_path / "sft-run" / "chain.json").exists()
     assert not (tmp_path / "sft-run" / "adapter_model.safetensors").exists()
-    assert yaml  # imported for recipe files written by hand above
