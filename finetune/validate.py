@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import enum
+import functools
 import math
 import types
 import typing
@@ -123,12 +124,18 @@ def _value_problem(value, allowed: set) -> str | None:
     return f"expected {names}, got {value!r}{hint}"
 
 
-def _check_passthrough(recipe: Recipe, stage: str, problems: list[Problem]) -> None:
+@functools.cache
+def _trl_fields(stage: str):
+    """(config class, field types) of trl.SFTConfig/DPOConfig; resolving ~140 annotations costs ~10 ms."""
     from trl import DPOConfig, SFTConfig
 
     cls = SFTConfig if stage == "sft" else DPOConfig
+    return cls, typing.get_type_hints(cls)
+
+
+def _check_passthrough(recipe: Recipe, stage: str, problems: list[Problem]) -> None:
+    cls, hints = _trl_fields(stage)
     fields = {f.name for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
     section = getattr(recipe, stage)
     if not isinstance(section, dict):
         return  # reported by recipe.py
