@@ -33,12 +33,14 @@ def _read_text(path: Path, source: str) -> str:
         data = path.read_bytes()
     except OSError as exc:
         raise UserError(f"{source}: cannot read the data file ({exc.strerror or exc})") from None
+    bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0  # Windows tools write one; JSON forbids it
     try:
-        return data.decode("utf-8")
+        return data[bom:].decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
+        offset = exc.start + bom
+        line = data.count(b"\n", 0, offset) + 1
         raise UserError(
-            f"{source}:{line}: not valid UTF-8 at byte offset {exc.start} ({exc.reason}); "
+            f"{source}:{line}: not valid UTF-8 at byte offset {offset} ({exc.reason}); "
             "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8) or remove the bad bytes"
         ) from None
 

@@ -64,7 +64,8 @@ def check_config(config, name: str) -> None:
     problems = []
     for key in SIZES:
         value = getattr(cfg, key, None)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        values = value if isinstance(value, (list, tuple)) and value else [value]  # some models size each layer
+        if value is not None and not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
             problems.append(f"`{key}` is {value!r}; expected a whole number >= 1")
     experts, top_k = getattr(cfg, "num_local_experts", None), getattr(cfg, "num_experts_per_tok", None)
     if not problems and isinstance(experts, int) and isinstance(top_k, int) and top_k > experts:
@@ -117,6 +118,16 @@ def meta_model(config, trust_remote_code: bool = False):
         raise UserError(f"model.name_or_path: cannot build a causal LM from this config: {exc}") from None
 
 
+def _not_found(name: str) -> str:
+    """A plain reason for a name that is neither a local directory nor a hub id ('' otherwise):
+    transformers would say "Repo id must be in the form 'repo_name'" for a mistyped local path."""
+    if is_local(name):
+        return ""
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
+        return f"no such local directory (relative paths are read from {Path.cwd()})"
+    return ""
+
+
 def load_model(section: ModelSection, device_map=None):
     """The base model with real weights, in the recipe's dtype and attention kernel."""
     try:
@@ -133,7 +144,8 @@ def load_model(section: ModelSection, device_map=None):
         raise UserError(f"model.name_or_path: cannot load weights from `{section.name_or_path}`: {what} ({exc}); "
                         "download or save the model again") from None
     except (OSError, ValueError) as exc:
-        raise UserError(f"model.name_or_path: cannot load weights from `{section.name_or_path}`: {exc}") from None
+        raise UserError(f"model.name_or_path: cannot load weights from `{section.name_or_path}`: "
+                        f"{_not_found(section.name_or_path) or exc}") from None
     return model
 
 
@@ -160,7 +172,8 @@ def load_tokenizer(section: ModelSection):
     try:
         tokenizer = AutoTokenizer.from_pretrained(section.name_or_path, trust_remote_code=section.trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise UserError(f"model.name_or_path: cannot load a tokenizer from `{section.name_or_path}`: {exc}") from None
+        raise UserError(f"model.name_or_path: cannot load a tokenizer from `{section.name_or_path}`: "
+                        f"{_not_found(section.name_or_path) or exc}") from None
     template = section.chat_template
     if template:
         path = Path(template)

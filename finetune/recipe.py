@@ -261,7 +261,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> list[Problem]:
     problems = []
     for item in overrides:
         key, sep, text = item.partition("=")
-        if not sep or not key:
+        if not sep or not key or "" in key.split("."):
             problems.append(Problem(f"--set {item}", "expected key.path=value, e.g. --set sft.learning_rate=1e-4"))
             continue
         try:

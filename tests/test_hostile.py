@@ -19,7 +19,7 @@ import torch
 from conftest import TINY_MOE, make_rows, recipe_file, sft_recipe, write_jsonl
 
 from finetune.cli import main
-from finetune.data import RowError, sft_messages
+from finetune.data import RowError, read_rows, sft_messages
 from finetune.errors import CheckFailed
 from finetune.guards import NonFiniteGuard
 
@@ -83,6 +83,7 @@ BAD_SETS = {
     "unclosed_list": (["data.train=[x.jsonl, "], "--set data.train=[x.jsonl, : the value is not valid YAML"),
     "unclosed_mapping": (["lora.attention={r: 4"], "is not valid YAML"),
     "set_without_equals": (["sft.learning_rate"], "expected key.path=value"),
+    "set_empty_key_part": (["sft..learning_rate=1"], "expected key.path=value"),
     "set_below_a_value": (["data.max_length.x=1"], "--set data.max_length.x: `max_length` is not a mapping"),
     "max_length_word": (["data.max_length=long"], "data.max_length: expected int, got 'long'"),
     "max_length_tiny": (["data.max_length=4"], "data.max_length: must be at least 8 tokens"),
@@ -279,6 +280,7 @@ BAD_FILES = {
     "jsonl_not_utf8": ("rows.jsonl", b'{"a": 1}\n{"b": "caf\xe9"}\n', "rows.jsonl:2: not valid UTF-8 at byte offset 19"),
     "json_not_utf8": ("rows.json", b'[{"a": "\xff"}]', "rows.json:1: not valid UTF-8 at byte offset 8"),
     "parquet_not_parquet": ("rows.parquet", b"this is not parquet at all", "rows.parquet: not a readable Parquet file"),
+    "bom_then_bad_byte": ("rows.jsonl", b'\xef\xbb\xbf{"a": 1}\n{"b": "caf\xe9"}\n', "rows.jsonl:2: not valid UTF-8 at byte offset 22"),
     "json_not_a_list": ("rows.json", b'{"messages": []}', "expected a JSON list of rows, got dict"),
 }
 
@@ -290,6 +292,17 @@ def test_bad_data_file(capsys, tmp_path, recipe, name, content, message):
     code, text = run_cli(capsys, ["sft", recipe, "--set", f"data.train=[{data}]"])
     assert_user_error(code, text, message)
     assert not (tmp_path / "sft-run").exists()
+
+
+def test_bom_is_accepted(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(chat("hi")).encode() + b"\n")
+    assert [r.value for r in read_rows(str(path))] == [chat("hi")]
+
+
+def test_missing_model_directory(capsys, tmp_path):
+    code, text = run_cli(capsys, ["eval", tmp_path / "no" / "model", "--data", "d.jsonl"])
+    assert_user_error(code, text, "no such local directory")
 
 
 def test_text_parts_are_joined():
