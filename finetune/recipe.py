@@ -252,6 +252,8 @@ def _check_choices(recipe: Recipe, problems: list[Problem]) -> None:
     for where, group in groups.items():
         if isinstance(group, LoraGroup) and bad(group.r, lambda v: v >= 1):
             problems.append(Problem(f"{where}.r", f"rank must be at least 1, got {group.r}"))
+    if bad(recipe.seed, lambda v: 0 <= v < 2**32):  # numpy's seed range; set_seed fails outside it
+        problems.append(Problem("seed", f"must be in [0, 2**32), got {recipe.seed}"))
     if bad(recipe.router.aux_loss_coef, lambda v: v >= 0):
         problems.append(Problem("router.aux_loss_coef", "must be >= 0"))
 

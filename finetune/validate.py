@@ -85,8 +85,9 @@ def _check_stage_sections(recipe: Recipe, stage: str, problems: list[Problem]) -
         problems.append(Problem("model.chat_template", f"file not found: {template}"))
 
 
-# Pass-through values TRL accepts but training rejects later (or trains on silently).
-POSITIVE = ("learning_rate",)
+# Pass-through values TRL accepts but training rejects later, or trains on silently: a DPO beta
+# <= 0 learns nothing or the reverse preference; 0 epochs (without max_steps) trains no step.
+POSITIVE = ("learning_rate", "beta", "num_train_epochs")
 AT_LEAST_ONE = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps")
 
 
@@ -148,7 +149,9 @@ def _check_passthrough(recipe: Recipe, stage: str, problems: list[Problem]) -> N
         elif (allowed := _simple_types(hints[key])) and (what := _value_problem(value, allowed)):
             if not any(p.where == where for p in problems):  # non-finite numbers are reported already
                 problems.append(Problem(where, what))
-        elif key in POSITIVE and isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
+        elif key in POSITIVE and isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0 and not (
+            key == "num_train_epochs" and isinstance(section.get("max_steps"), int) and section["max_steps"] > 0
+        ):
             problems.append(Problem(where, f"must be > 0, got {value}"))
         elif key in AT_LEAST_ONE and isinstance(value, int) and not isinstance(value, bool) and value < 1:
             problems.append(Problem(where, f"must be at least 1, got {value}"))

@@ -91,6 +91,10 @@ BAD_SETS = {
     "dropout_one": (["lora.dropout=1.0"], "lora.dropout: must be in [0, 1)"),
     "aux_coef_negative": (["router.aux_loss_coef=-1"], "router.aux_loss_coef: must be >= 0"),
     "seed_word": (["seed=abc"], "seed: expected int, got 'abc'"),
+    "seed_negative": (["seed=-1"], "seed: must be in [0, 2**32), got -1"),
+    "zero_epochs": (["sft.max_steps=-1", "sft.num_train_epochs=0"], "sft.num_train_epochs: must be > 0, got 0"),
+    "warmup_negative": (["sft.warmup_steps=-1"], "warmup_steps >= 0"),
+    "logging_steps_zero": (["sft.logging_steps=0"], "requires non-zero --logging_steps"),
     "rank_word": (["lora.experts.r=eight"], "lora.experts.r: expected int, got 'eight'"),
     "unknown_section": (["modle.dtype=float32"], "modle: unknown key (did you mean `model`?)"),
     "unknown_trl_key": (["sft.learning_rat=1e-4"], "sft.learning_rat: not a trl.SFTConfig field (did you mean `learning_rate`?)"),
@@ -129,6 +133,7 @@ GOOD_SETS = {
     "eval_steps_with_split": ["sft.eval_strategy=steps", "sft.eval_steps=2", "data.eval_split=0.25"],
     "quoted_nan_is_not_a_number_field": ["sft.run_name=nan"],
     "text_list_of_one_file": ["data.train=[data.jsonl]"],
+    "zero_epochs_with_max_steps": ["sft.num_train_epochs=0"],  # max_steps=3 decides
 }
 
 
@@ -154,6 +159,8 @@ def dpo_recipe(tmp_path, tiny_mixtral, sft_file, pref_file):
 BAD_DPO_SETS = {
     "beta_nan": (["dpo.beta=.nan"], "dpo.beta: must be a finite number"),
     "beta_nan_string": (["dpo.beta=nan"], "dpo.beta: must be a finite number"),
+    "beta_zero": (["dpo.beta=0"], "dpo.beta: must be > 0, got 0"),
+    "beta_negative": (["dpo.beta=-0.1"], "dpo.beta: must be > 0, got -0.1"),
     "batch_size_0": (["dpo.per_device_train_batch_size=0"], "dpo.per_device_train_batch_size: must be at least 1"),
     "lr_negative": (["dpo.learning_rate=-5e-5"], "dpo.learning_rate: must be > 0"),
     "fp16_on_cpu": (["dpo.fp16=true"], "dpo.fp16: mixed precision needs a GPU"),
