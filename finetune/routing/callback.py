@@ -101,10 +101,12 @@ class RoutingMetricsCallback(TrainerCallback):
         self.capture: RoutingCapture | None = None
         self._probe: dict | None = None
         self._start = None  # Routing of the starting model on the probe
+        self._model = None  # the trainer's model: the probe runs through it
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.capture is not None:  # train() called again on the same trainer
             self.capture.close()
+        self._model = model
         try:
             self.capture = RoutingCapture(model, mode="counts", train_only=True)
         except ValueError as err:
@@ -188,9 +190,14 @@ class RoutingMetricsCallback(TrainerCallback):
             extra["logits_to_keep"] = 1  # the LM head over the whole probe is wasted work here
         was_training = root.training
         root.eval()  # no dropout or router jitter: start and now must differ only by the weights
+        # Through the trainer's (outermost) model, not `root`: under FSDP2 the outermost module is
+        # the root FSDP unit whose hooks gather the weights the inner model needs (calling the
+        # inner model mixes Tensors and DTensors); under ZeRO-3 its hooks do the same. Every rank
+        # runs the probe (on_log and on_pre_optimizer_step run on all), as sharding requires.
+        runner = self._model if self._model is not None else root
         try:
             with torch.no_grad(), RoutingCapture(root, mode="full") as cap:
-                root(**self._probe, **extra)
+                runner(**self._probe, **extra)
         finally:
             root.train(was_training)
         return cap.last
