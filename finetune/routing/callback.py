@@ -16,7 +16,7 @@ of the training forwards since the previous log:
 
 plus summaries over layers: routing/imbalance_max, routing/entropy_mean, routing/dead_experts,
 routing/topk_overlap_min, routing/kl_max, and routing/tokens (real tokens counted in the window).
-Definitions: metrics.py. `python -m finetune.routing.overhead` measures the cost;
+Definitions: metrics.py. `python bench/routing_overhead.py` measures the cost;
 tests/test_routing_callback.py runs it in SFTTrainer and DPOTrainer.
 
 Cost. Counting happens in hooks on the routers and the model (capture.py): once per training
