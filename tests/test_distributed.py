@@ -50,7 +50,9 @@ def max_rel_diff(a_dir: Path, b_dir: Path) -> float:
     a, b = load_file(a_dir / "adapter_model.safetensors"), load_file(b_dir / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     assert all(a[k].shape == b[k].shape and a[k].numel() > 0 for k in a)
-    return max(float((a[k] - b[k]).abs().max() / a[k].abs().max().clamp_min(1e-12)) for k in a)
+    diff = max(float((a[k] - b[k]).abs().max() / a[k].abs().max().clamp_min(1e-12)) for k in a)
+    print(f"{b_dir.name} vs {a_dir.parent.name}/{a_dir.name}: max relative difference {diff:.2e}")  # pytest -s shows it
+    return diff
 
 
 def trained(run: Path) -> bool:
@@ -197,3 +199,13 @@ def test_one_and_two_processes_agree_at_equal_global_batch_without_aux_loss(tmp_
     two = sft_recipe(tmp_path, tiny_mixtral, sft_file, router={"aux_loss_coef": 0.0}, sft={"max_steps": 2, "per_device_train_batch_size": 2})
     ok(launch(tmp_path, "cpu-ddp", "sft", str(recipe_file(tmp_path, **two))))
     assert max_rel_diff(one_run, tmp_path / "sft-run") < 1e-5
+
+
+@pytest.mark.slow
+def test_fsdp2_config_that_accelerate_ignores_is_refused(tmp_path, tiny_mixtral, sft_file):
+    """Without the shim accelerate 1.15 runs the FSDP2 config on CPU as plain DDP: refused, not run."""
+    proc = launch(tmp_path, "fsdp2", "sft", str(two_rank_sft_recipe(tmp_path, tiny_mixtral, sft_file)))
+    assert proc.returncode != 0
+    assert "the accelerate config asks for fsdp2 but accelerate runs MULTI_CPU" in proc.stderr
+    assert "SFT finished" not in proc.stdout
+    assert not (tmp_path / "sft-run" / "adapter_model.safetensors").exists()
