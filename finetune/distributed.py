@@ -159,8 +159,23 @@ def prepare(trainer) -> None:
             "1.15 shards only on GPU-type devices (a CPU run stays DDP), and this run would hold a full model per "
             "process; use recipes/accelerate/cpu-ddp.yaml on CPUs"
         )
-    if mode == "zero3":
+    if mode == "fsdp1":
+        raise UserError("the accelerate config asks for FSDP version 1 (fsdp_version: 1); finetune shards with FSDP2: "
+                        "use recipes/accelerate/fsdp2.yaml or set fsdp_version: 2")
+    if sharded_by(trainer) == "zero3":
         register_zero3_leaves(trainer.model)
+
+
+def sharded_by(trainer) -> str | None:
+    """"fsdp2", "fsdp1", "zero3" or None, from the trainer's accelerator (the launcher's environment
+    does not say the ZeRO stage when the config is a deepspeed_config_file)."""
+    state = trainer.accelerator.state
+    if getattr(state, "fsdp_plugin", None) is not None:
+        return "fsdp2" if trainer.accelerator.is_fsdp2 else "fsdp1"
+    ds = getattr(state, "deepspeed_plugin", None)
+    if ds is not None and int(ds.zero_stage) == 3:
+        return "zero3"
+    return None
 
 
 def moe_block_classes(model) -> list[type]:
@@ -177,6 +192,9 @@ def register_zero3_leaves(model) -> None:
     children, so the fast expert LoRA path (which never calls the experts module) can serve it."""
     import deepspeed
 
+    # DeepSpeed 0.19 does this itself for Mixtral and Qwen2/3-MoE blocks by default (its
+    # zero_optimization.leaf_module config); this covers every MoE model, older DeepSpeed, and
+    # configs that change that list.
     classes = moe_block_classes(model)
     if not classes:
         return
@@ -196,8 +214,8 @@ def adapter_state_dict(trainer) -> dict | None:
     ZeRO-3 a parameter outside GatheredParameters has shape (0,): saving model.state_dict()
     there writes an empty adapter.
     """
-    mode = requested()
-    if mode is None or launcher_world_size() == 1:
+    mode = sharded_by(trainer)
+    if mode not in ("fsdp2", "zero3") or launcher_world_size() == 1:
         return None
     model = trainer.model
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import REPO, recipe_file, sft_recipe
 from safetensors.torch import load_file
 
@@ -29,9 +30,13 @@ ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
 RTOL = 1e-5
 
 
-def launch(cwd: Path, config: str, *argv, shim: bool = False, processes: int = 2) -> subprocess.CompletedProcess:
-    cmd = [*ACCELERATE, "--config_file", str(CONFIGS / f"{config}.yaml"), "--num_processes", str(processes),
-           "--mixed_precision", "no"]
+def launch(cwd: Path, config: str | Path, *argv, shim: bool = False, processes: int = 2) -> subprocess.CompletedProcess:
+    """`accelerate launch` with a shipped config (by name) or a config file, 2 CPU processes."""
+    cmd = [*ACCELERATE, "--num_processes", str(processes)]
+    if isinstance(config, Path):
+        cmd += ["--config_file", str(config)]  # a DeepSpeed config file says its own precision
+    else:
+        cmd += ["--config_file", str(CONFIGS / f"{config}.yaml"), "--mixed_precision", "no"]
     cmd += [str(SHIM)] if shim else ["-m", "finetune"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run([*cmd, *argv], capture_output=True, text=True, cwd=cwd, env=env, timeout=900)
@@ -175,11 +180,36 @@ def test_fsdp2_sft_and_dpo_equal_single_process(tmp_path, single, tiny_mixtral, 
     assert max_rel_diff(single_dpo, tmp_path / "dpo-run") < RTOL
 
 
+def zero3_test_config(tmp_path: Path) -> Path:
+    """recipes/accelerate/zero3.yaml's settings as a DeepSpeed config file, plus two changes that
+    make the tiny model a real test: every parameter partitioned (DeepSpeed keeps tensors under
+    1e5 elements whole by default: all of the tiny model's), and DeepSpeed's own default leaf list
+    (which names MixtralSparseMoeBlock since 0.19) emptied, so finetune's registration is what
+    puts the MoE blocks on the fast path. Without it the run warns that the stock path is used."""
+    shipped = yaml.safe_load((CONFIGS / "zero3.yaml").read_text())
+    zero = shipped["deepspeed_config"]
+    ds = {
+        "zero_optimization": {
+            "stage": zero["zero_stage"], "stage3_gather_16bit_weights_on_model_save": zero["zero3_save_16bit_model"],
+            "stage3_param_persistence_threshold": 0, "leaf_module": {"classes": []},
+        },
+        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
+        "gradient_clipping": "auto", "zero_allow_untested_optimizer": True,
+    }
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    config = {**shipped, "deepspeed_config": {"deepspeed_config_file": str(tmp_path / "ds.json"), "zero3_init_flag": zero["zero3_init_flag"]}}
+    config.pop("mixed_precision")
+    path = tmp_path / "zero3-test.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="the deepspeed extra is not installed")
 def test_zero3_sft_saves_the_adapter_equal_to_single_process(tmp_path, single, tiny_mixtral, sft_file):
     _, single_sft, _ = single
-    proc = ok(launch(tmp_path, "zero3", "sft", str(two_rank_sft_recipe(tmp_path, tiny_mixtral, sft_file)), shim=True))
+    recipe = two_rank_sft_recipe(tmp_path, tiny_mixtral, sft_file)
+    proc = ok(launch(tmp_path, zero3_test_config(tmp_path), "sft", str(recipe), shim=True))
     log = output(proc)
     sharded_checks(log, "sft")  # the fast path served every MoE block (leaf modules gather their weights)
     assert log.count("2 MixtralSparseMoeBlock modules registered as leaves") == 2
