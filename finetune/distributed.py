@@ -5,18 +5,22 @@
 
 accelerate's launcher (torchrun underneath) starts the ranks and tells each one, through
 environment variables, which mode to run; transformers' Trainer builds the Accelerator that
-shards the model. The stages call this module at four points, one line each:
+shards the model. The stages (via finetune/stages/common.py) call this module at a few points,
+one line each:
 
-  check_launch(args)     before anything touches the disk: the launcher's world size must equal
-                         the trainer's (a `torchrun` run whose trainer sees one process would
-                         train N independent copies into one directory), deepspeed installed.
+  require_deepspeed(), check_launch(args)   when the trainer arguments are built, before
+                         anything touches the disk: deepspeed installed if asked for; the
+                         launcher's world size equal to the trainer's (a `torchrun` run whose
+                         trainer sees one process would train N independent copies into one
+                         directory).
   load_base(load, ...)   with FSDP2's cpu_ram_efficient_loading only global rank 0 reads the
                          weights; the other ranks get the same module tree with unfilled storage
                          and receive their shards from rank 0 when accelerate calls fully_shard.
   prepare(trainer)       after the trainer is built: refuse a sharding config accelerate
-                         ignored; register ZeRO-3 leaf modules.
-  adapter_state_dict(trainer)  on every rank after training: the adapter tensors gathered from
-                         their shards (FSDP2 DTensors, ZeRO-3 partitions), for rank 0 to write.
+                         ignored (or FSDP1); register ZeRO-3 leaf modules.
+  log_peak_memory(trainer), adapter_state_dict(trainer)   on every rank after training: the
+                         rank's peak host RSS; the adapter tensors gathered from their shards
+                         (FSDP2 DTensors, ZeRO-3 partitions), for rank 0 to write.
 
 Tests: tests/test_distributed.py (2 processes on CPU, gloo; tests/cpu_launch.py is the shim
 that lets accelerate run FSDP2 and ZeRO-3 on CPU processes).
