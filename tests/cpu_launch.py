@@ -28,6 +28,9 @@ def _init(self, *args, fsdp_plugin=None, **kwargs):
     if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
         self.distributed_type = DistributedType.FSDP
         self.fsdp_plugin = fsdp_plugin
+        # as accelerate does at the end of its own init: later AcceleratorState() calls copy
+        # PartialState's fields over these
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
 
 def _backend(self, cpu=False, sagemaker_dp=False, backend=None):
