@@ -211,6 +211,12 @@ def _factors(w: ParamWrapper, adapters: list[str]):
     return torch.cat([a for a, _, _ in parts], 1), torch.cat([b * s for _, b, s in parts], 2), 1.0
 
 
+def _ndim(param) -> int:
+    """Dimensions of a parameter, also when DeepSpeed ZeRO-3 holds it partitioned (its data is
+    then a (0,) placeholder between forwards; `ds_shape` is the real shape)."""
+    return len(getattr(param, "ds_shape", param.shape))
+
+
 def _static_problem(wrapper) -> str | None:
     """Why this wrapped module can never take the fast path (None if it can)."""
     chain, experts = _chain(wrapper)
@@ -219,7 +225,7 @@ def _static_problem(wrapper) -> str | None:
     if experts.has_bias or experts.is_transposed:
         return f"{type(experts).__name__} has expert biases or transposed weights (not implemented)"
     names = {"gate_up_proj" if experts.has_gate else "up_proj", "down_proj"}
-    if any(w.parameter_name not in names or w.get_param().ndim != 3 for w in chain):
+    if any(w.parameter_name not in names or _ndim(w.get_param()) != 3 for w in chain):
         return f"LoRA on {type(experts).__name__} targets parameters other than {sorted(names)}"
     return None
 
@@ -277,7 +283,7 @@ def _expert_wrappers(model) -> list:
     """Outermost ParamWrappers whose innermost module holds fused 3-D expert weights."""
     wrappers = [m for m in model.modules() if isinstance(m, ParamWrapper)]
     inner = {id(w.base_layer) for w in wrappers}
-    return [w for w in wrappers if id(w) not in inner and _chain(w)[0][-1].get_param().ndim == 3]
+    return [w for w in wrappers if id(w) not in inner and _ndim(_chain(w)[0][-1].get_param()) == 3]
 
 
 def _is_fast(wrapper) -> bool:

@@ -16,7 +16,7 @@ of the training forwards since the previous log:
 
 plus summaries over layers: routing/imbalance_max, routing/entropy_mean, routing/dead_experts,
 routing/topk_overlap_min, routing/kl_max, and routing/tokens (real tokens counted in the window).
-Definitions: metrics.py. `python -m finetune.routing.overhead` measures the cost;
+Definitions: metrics.py. `python bench/routing_overhead.py` measures the cost;
 tests/test_routing_callback.py runs it in SFTTrainer and DPOTrainer.
 
 Cost. Counting happens in hooks on the routers and the model (capture.py): once per training
@@ -101,10 +101,12 @@ class RoutingMetricsCallback(TrainerCallback):
         self.capture: RoutingCapture | None = None
         self._probe: dict | None = None
         self._start = None  # Routing of the starting model on the probe
+        self._model = None  # the trainer's model: the probe runs through it
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.capture is not None:  # train() called again on the same trainer
             self.capture.close()
+        self._model = model
         try:
             self.capture = RoutingCapture(model, mode="counts", train_only=True)
         except ValueError as err:
@@ -188,9 +190,14 @@ class RoutingMetricsCallback(TrainerCallback):
             extra["logits_to_keep"] = 1  # the LM head over the whole probe is wasted work here
         was_training = root.training
         root.eval()  # no dropout or router jitter: start and now must differ only by the weights
+        # Through the trainer's (outermost) model, not `root`: under FSDP2 the outermost module is
+        # the root FSDP unit whose hooks gather the weights the inner model needs (calling the
+        # inner model mixes Tensors and DTensors); under ZeRO-3 its hooks do the same. Every rank
+        # runs the probe (on_log and on_pre_optimizer_step run on all), as sharding requires.
+        runner = self._model if self._model is not None else root
         try:
             with torch.no_grad(), RoutingCapture(root, mode="full") as cap:
-                root(**self._probe, **extra)
+                runner(**self._probe, **extra)
         finally:
             root.train(was_training)
         return cap.last

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from finetune import modeling, runs
+from finetune import distributed, modeling, runs
 from finetune.errors import UserError
 from finetune.lora import Plan, trainable_by_group, verify_adapters
 from finetune.recipe import Recipe
@@ -61,6 +61,7 @@ def trainer_args(recipe: Recipe, stage: str, output_dir: Path, aux_coef: float, 
     """trl.SFTConfig / trl.DPOConfig: our defaults, then the recipe's pass-through section."""
     from trl import DPOConfig, SFTConfig
 
+    distributed.require_deepspeed()
     cls = SFTConfig if stage == "sft" else DPOConfig
     kwargs = dict(STAGE_DEFAULTS[stage])
     kwargs.update(
@@ -76,15 +77,18 @@ def trainer_args(recipe: Recipe, stage: str, output_dir: Path, aux_coef: float, 
         eval_strategy="epoch" if has_eval else "no",
     )
     if not torch.cuda.is_available():
-        # TRL 1.x defaults to bf16 autocast, which CPUs run slowly or not at all.
-        kwargs.update(use_cpu=True, bf16=False)
+        # TRL 1.x defaults to bf16 autocast, which CPUs run slowly or not at all. use_cpu would
+        # make accelerate skip DeepSpeed, which picks its own accelerator (CPU here): not for it.
+        kwargs.update(use_cpu=distributed.requested() not in ("zero3", "deepspeed"), bf16=False)
     else:
         kwargs.update(bf16=modeling.resolve_dtype(recipe.model.dtype) == torch.bfloat16)
     kwargs.update(getattr(recipe, stage))
     try:
-        return cls(**kwargs)
+        args = cls(**kwargs)
     except (ValueError, TypeError) as exc:
         raise UserError(f"{stage}: trl.{cls.__name__} rejects these settings: {exc}") from None
+    distributed.check_launch(args)
+    return args
 
 
 def announce_router(plan: Plan, aux_coef: float) -> None:
@@ -97,9 +101,12 @@ def announce_router(plan: Plan, aux_coef: float) -> None:
         )
 
 
-def finish_wrap(model, plan: Plan, expert_path: str) -> dict[str, int]:
-    """Check the PEFT-wrapped model trains what the plan says; switch experts to the fast path."""
+def finish_wrap(trainer, plan: Plan, expert_path: str) -> dict[str, int]:
+    """Check the PEFT-wrapped model trains what the plan says; switch experts to the fast path;
+    check and prepare the sharding the launcher asked for (finetune/distributed.py)."""
+    model = trainer.model
     verify_adapters(model, plan)
+    distributed.prepare(trainer)
     if "experts" in plan.groups and expert_path == "fast":
         from finetune.expert_lora import enable_fast_expert_lora
 
@@ -152,9 +159,11 @@ def claim_output_dir(recipe: Recipe, overwrite: bool) -> Path:
     return out
 
 
-def save_adapter(model, out: Path) -> None:
-    """The adapter in standard PEFT files; drop the trainer's checkpoint folder if it stayed empty."""
-    model.save_pretrained(out)
+def save_adapter(model, out: Path, state_dict: dict | None = None) -> None:
+    """The adapter in standard PEFT files; drop the trainer's checkpoint folder if it stayed empty.
+
+    state_dict: the adapter gathered from its shards (distributed.adapter_state_dict), if sharded."""
+    model.save_pretrained(out, state_dict=state_dict)
     checkpoints = out / "checkpoints"
     if checkpoints.is_dir() and not any(checkpoints.iterdir()):
         checkpoints.rmdir()
@@ -184,9 +193,11 @@ def train_and_save(stage: str, trainer, tokenizer, out: Path, recipe: Recipe, ch
     """Train, then (main process only) write adapter, tokenizer, metrics, resolved recipe, chain; print the summary."""
     with Timer() as timer:
         trainer.train()
+    distributed.log_peak_memory(trainer)
+    gathered = distributed.adapter_state_dict(trainer)  # every rank: a collective under FSDP2/ZeRO-3
     if not trainer.is_world_process_zero():
         return None
-    save_adapter(trainer.model, out)
+    save_adapter(trainer.model, out, gathered)
     tokenizer.save_pretrained(out)
     metrics = {
         "stage": stage,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from finetune import chain, modeling, runs
+from finetune import chain, distributed, modeling, runs
 from finetune.data import build_datasets
 from finetune.guards import NonFiniteGuard
 from finetune.lora import lora_config
@@ -34,7 +34,8 @@ def build_trainer(recipe: Recipe, checked, aux_coef: float, parent: runs.Run, ex
     tokenizer = modeling.load_tokenizer(ModelSection(**{**recipe.model.__dict__, "name_or_path": str(parent.path)}))
     train, eval_ds, report = build_datasets(recipe.data, tokenizer, "preference", recipe.seed)
     args = common.trainer_args(recipe, "dpo", Path(recipe.output_dir), aux_coef, eval_ds is not None)
-    model = chain.load_chain(parent)
+    # under FSDP2 only rank 0 merges the SFT chain; the others receive the merged weights
+    model = distributed.load_base(lambda: chain.load_chain(parent), checked.config, parent.recipe.model)
     common.seed_everything(recipe.seed)
     common.announce_router(checked.plan, aux_coef)
     trainer = DPOTrainer(
@@ -47,7 +48,7 @@ def build_trainer(recipe: Recipe, checked, aux_coef: float, parent: runs.Run, ex
         peft_config=lora_config(checked.plan),
         callbacks=[NonFiniteGuard(), *extra_callbacks],
     )
-    counts = common.finish_wrap(trainer.model, checked.plan, recipe.lora.expert_path)
+    counts = common.finish_wrap(trainer, checked.plan, recipe.lora.expert_path)
     common.attach_routing_metrics(trainer)
     return trainer, tokenizer, report, counts
 
@@ -58,6 +59,7 @@ def run_dpo(recipe: Recipe, overwrite: bool = False, callbacks=()):
     parent = runs.read_run(recipe.from_run)
     aux_coef = common.resolve_aux_coef(recipe, checked.config)
     recipe.router.aux_loss_coef = aux_coef
+    common.trainer_args(recipe, "dpo", Path(recipe.output_dir), aux_coef, False)  # refuses a bad launch before the claim
     out = common.claim_output_dir(recipe, overwrite)
     trainer, tokenizer, report, counts = build_trainer(recipe, checked, aux_coef, parent, callbacks)
 

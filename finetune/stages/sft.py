@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from finetune import modeling
+from finetune import distributed, modeling
 from finetune.data import build_datasets
 from finetune.guards import NonFiniteGuard
 from finetune.lora import lora_config
@@ -35,7 +35,7 @@ def run_sft(recipe: Recipe, overwrite: bool = False, callbacks=()):
     args = common.trainer_args(recipe, "sft", Path(recipe.output_dir), aux_coef, eval_ds is not None)
     out = common.claim_output_dir(recipe, overwrite)
 
-    model = modeling.load_model(recipe.model)
+    model = distributed.load_base(lambda: modeling.load_model(recipe.model), checked.config, recipe.model)
     common.seed_everything(recipe.seed)
     common.announce_router(checked.plan, aux_coef)
     trainer = SFTTrainer(
@@ -47,7 +47,7 @@ def run_sft(recipe: Recipe, overwrite: bool = False, callbacks=()):
         peft_config=lora_config(checked.plan),
         callbacks=[NonFiniteGuard(), *callbacks],
     )
-    counts = common.finish_wrap(trainer.model, checked.plan, recipe.lora.expert_path)
+    counts = common.finish_wrap(trainer, checked.plan, recipe.lora.expert_path)
     common.attach_routing_metrics(trainer)
     chain = [{"kind": "base", "model": recipe.model.name_or_path}, {"kind": "sft", "run": str(out)}]
     return common.train_and_save("sft", trainer, tokenizer, out, recipe, checked, counts, report, chain)
