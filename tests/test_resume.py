@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from conftest import recipe_file, sft_recipe
 from transformers import TrainerCallback
@@ -116,6 +117,14 @@ def _run(cmd, cwd) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+def _wait_gone(pid: int) -> None:
+    try:
+        while psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+            time.sleep(0.05)
+    except psutil.NoSuchProcess:
+        pass
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_kill_9_then_resume_gives_identical_adapter(tmp_path, tiny_mixtral, sft_file, nproc):
@@ -125,13 +134,18 @@ def test_kill_9_then_resume_gives_identical_adapter(tmp_path, tiny_mixtral, sft_
     _run(_command(nproc, recipe["whole"]), tmp_path)
 
     checkpoints = tmp_path / ".cut.incomplete" / "checkpoints"
-    proc = subprocess.Popen(_command(nproc, recipe["cut"]), cwd=tmp_path, start_new_session=True,
+    proc = subprocess.Popen(_command(nproc, recipe["cut"]), cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 300
     while newest_checkpoint(checkpoints) is None and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # every rank and the launcher, no cleanup
+    # Every rank and the launcher at once, no cleanup (torchrun starts each rank in its own session).
+    family = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    for pid in family:
+        os.kill(pid, signal.SIGKILL)
     proc.wait()
+    for pid in family[1:]:
+        _wait_gone(pid)
     taken = newest_checkpoint(checkpoints)
     assert taken is not None and not (tmp_path / "cut").exists()
     assert int(taken.name.split("-")[1]) < 40, "the run finished before it could be killed"

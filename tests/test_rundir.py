@@ -85,6 +85,18 @@ def test_base_model_dir_and_inside_it_are_refused(tmp_path, tiny_mixtral, sft_fi
     assert tree(tiny_mixtral) == before
 
 
+def test_symlink_to_the_model_is_refused(tmp_path, tiny_mixtral, sft_file, capsys):
+    link = tmp_path / "looks-new"
+    link.symlink_to(tiny_mixtral, target_is_directory=True)
+    assert sft_cli(tmp_path, tiny_mixtral, sft_file, "--overwrite", output_dir=str(link)) == 2
+    assert "is the base model" in capsys.readouterr().err and (tiny_mixtral / "config.json").is_file()
+
+
+def test_resume_from_checkpoint_key_points_to_the_flag(tmp_path, tiny_mixtral, sft_file, capsys):
+    assert sft_cli(tmp_path, tiny_mixtral, sft_file, sft={"resume_from_checkpoint": "x"}) == 2
+    assert "--resume" in capsys.readouterr().err and not list(tmp_path.glob("*sft-run*"))
+
+
 def test_data_directory_and_foreign_dir_are_refused(tmp_path, tiny_mixtral, capsys):
     (tmp_path / "data").mkdir()
     data = write_jsonl(tmp_path / "data" / "sft.jsonl", make_rows(8))
@@ -98,11 +110,13 @@ def test_data_directory_and_foreign_dir_are_refused(tmp_path, tiny_mixtral, caps
     assert (notes / "todo.txt").read_text() == "mine" and data.is_file()
 
 
-def test_output_below_a_file_is_refused(tmp_path, tiny_mixtral, sft_file, capsys):
+def test_output_below_a_file_is_refused(tmp_path, tiny_mixtral, sft_file, chain_dir, capsys):
     (tmp_path / "plain").write_text("x")
     assert sft_cli(tmp_path, tiny_mixtral, sft_file, output_dir=str(tmp_path / "plain" / "run")) == 2
     err = capsys.readouterr().err
     assert "is a file, not a directory" in err and str(tmp_path / "plain") in err
+    assert cli.main(["-q", "export", str(chain_dir / "dpo"), "--output", str(tmp_path / "plain" / "exp")]) == 2
+    assert "--output" in capsys.readouterr().err and (tmp_path / "plain").read_text() == "x"
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")

@@ -122,7 +122,9 @@ class RoutingMetricsCallback(TrainerCallback):
             return
         baseline = Path(self.baseline_dir) / f"routing_baseline_{args.process_index}.pt" if self.baseline_dir else None
         if baseline is not None and baseline.is_file():
-            saved = torch.load(baseline, weights_only=False, map_location=args.device)
+            # "cpu:0" (DDP on CPU) is not a location torch.load knows; plain "cpu" is.
+            device = "cpu" if args.device.type == "cpu" else args.device
+            saved = torch.load(baseline, weights_only=False, map_location=device)
             self._probe, self._start = saved["probe"], saved["start"]
             return
         inputs = self.capture.last_inputs

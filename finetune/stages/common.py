@@ -87,7 +87,12 @@ def trainer_args(recipe: Recipe, stage: str, staging: Path, aux_coef: float, has
         kwargs.update(use_cpu=True, bf16=False)
     else:
         kwargs.update(bf16=modeling.resolve_dtype(recipe.model.dtype) == torch.bfloat16)
-    kwargs.update(getattr(recipe, stage))
+    section = getattr(recipe, stage)
+    if section.get("resume_from_checkpoint"):
+        # The Trainer ignores this field (only train(resume_from_checkpoint=...) resumes): say so.
+        raise UserError(f"{stage}.resume_from_checkpoint: not used; continue an interrupted run with "
+                        f"`finetune {stage} RECIPE --resume` (it finds the newest complete checkpoint itself)")
+    kwargs.update(section)
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as exc:
