@@ -1,6 +1,6 @@
 """What the default checkpoints (every 100 steps, newest 2 kept) cost on the tiny recipe, measured in one run.
 
-    python bench/checkpoint_overhead.py [--steps 200]      # from the repository root, CPU is fine
+    python bench/checkpoint_overhead.py [--steps 200] [--threads 1]      # from the repository root, CPU is fine
 
 Trains recipes/tiny-moe/sft.yaml twice for --steps steps, with the default checkpoints and with
 `save_strategy: no`, into a temporary directory, and prints both wall times, their ratio, and the
@@ -15,6 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 from transformers import Trainer
 
 from finetune.recipe import read_recipe
@@ -24,7 +25,10 @@ from finetune.stages.sft import run_sft
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=200)
-    steps = parser.parse_args().steps
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: a shared 2-core machine)")
+    args = parser.parse_args()
+    steps = args.steps
+    torch.set_num_threads(args.threads)
     saves: list[float] = []
     real = Trainer._save_checkpoint
 
@@ -36,7 +40,7 @@ def main() -> None:
     Trainer._save_checkpoint = timed
     walls = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for label, extra in (("checkpoints", []), ("no checkpoints", ["sft.save_strategy=no"])):
+        for label, extra in (("checkpoints", []), ("no checkpoints", ["sft.save_strategy='no'"])):
             recipe = read_recipe("recipes/tiny-moe/sft.yaml", [f"output_dir={Path(tmp) / label.replace(' ', '-')}",
                                                                f"sft.max_steps={steps}", "data.eval=[]", *extra])
             t0 = time.perf_counter()
