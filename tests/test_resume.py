@@ -24,6 +24,7 @@ from finetune import cli
 from finetune.errors import UserError
 from finetune.recipe import read_recipe
 from finetune.resume import incomplete_reason, newest_checkpoint
+from finetune.stages.dpo import run_dpo
 from finetune.stages.sft import run_sft
 
 STEPS = {"max_steps": 4, "save_steps": 2, "logging_steps": 1}
@@ -156,3 +157,22 @@ def test_kill_9_then_resume_gives_identical_adapter(tmp_path, tiny_mixtral, sft_
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (whole, cut))
     assert b["resumed_from"] is not None and b["tokens_seen"] == a["tokens_seen"]
     assert b["world_size"] == nproc
+
+
+def test_dpo_interrupted_then_resumed_equals_uninterrupted(tmp_path, tiny_mixtral, sft_file, pref_file):
+    sft = run_sft(make(tmp_path, tiny_mixtral, sft_file, "sft", max_steps=2))
+
+    def dpo(name):
+        return read_recipe(recipe_file(tmp_path, f"{name}.yaml", output_dir=str(tmp_path / name), from_run=str(sft),
+                                       data={"train": [str(pref_file)], "max_length": 64},
+                                       lora={"attention": {"r": 4, "alpha": 8}, "experts": {"r": 4, "alpha": 8}},
+                                       dpo={**STEPS, "per_device_train_batch_size": 4, "learning_rate": 5e-2}))
+
+    whole = run_dpo(dpo("whole"))
+    with pytest.raises(KeyboardInterrupt):
+        run_dpo(dpo("cut"), callbacks=[InterruptAt(3)])
+    resumed = run_dpo(dpo("cut"), resume=True)
+    assert (resumed / "adapter_model.safetensors").read_bytes() == (whole / "adapter_model.safetensors").read_bytes()
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (whole, resumed))
+    assert b["resumed_from"] == "checkpoint-2" and b["tokens_seen"] == a["tokens_seen"] > 0
+    assert json.loads((resumed / "chain.json").read_text())[1]["run"] == "../sft"
