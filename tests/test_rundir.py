@@ -127,6 +127,16 @@ def test_unwritable_parent_is_refused(tmp_path, tiny_mixtral, sft_file, capsys):
     assert "permission denied" in capsys.readouterr().err
 
 
+def test_unwritable_parent_is_refused_as_root_too(tmp_path, tiny_mixtral, sft_file, monkeypatch, capsys):
+    """root passes every permission check, so the check's answer is faked here (the path the code takes is real)."""
+    from finetune import outputs
+
+    monkeypatch.setattr(outputs.os, "access", lambda path, mode: Path(path) != tmp_path)
+    assert sft_cli(tmp_path, tiny_mixtral, sft_file, output_dir=str(tmp_path / "run")) == 2
+    err = capsys.readouterr().err
+    assert "permission denied" in err and str(tmp_path) in err and not (tmp_path / "run").exists()
+
+
 def test_dpo_onto_its_parent_and_run_inside_run_are_refused(tmp_path, runs_copy, pref_file, capsys):
     sft = runs_copy / "sft"
     before = tree(sft)
