@@ -67,7 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     for stage in ("sft", "dpo"):
         p = sub.add_parser(stage, help=f"run a {stage.upper()} recipe")
         _add_recipe_args(p)
-        p.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace a finished run at output_dir (only a run of this project; it stays intact until the new one has finished)")
+        p.add_argument("--resume", action="store_true",
+                       help="continue an interrupted run from its newest complete checkpoint (<parent>/.<name>.incomplete/)")
 
     p = sub.add_parser("export", help="merge a run's adapter chain into a standalone checkpoint")
     p.add_argument("run", help="run directory (SFT or DPO)")
@@ -153,12 +156,12 @@ def dispatch(args) -> int:
     if args.command == "sft":
         from finetune.stages.sft import run_sft
 
-        run_sft(read_recipe(args.recipe, args.overrides), overwrite=args.overwrite)
+        run_sft(read_recipe(args.recipe, args.overrides), overwrite=args.overwrite, resume=args.resume)
         return 0
     if args.command == "dpo":
         from finetune.stages.dpo import run_dpo
 
-        run_dpo(read_recipe(args.recipe, args.overrides), overwrite=args.overwrite)
+        run_dpo(read_recipe(args.recipe, args.overrides), overwrite=args.overwrite, resume=args.resume)
         return 0
     if args.command == "export":
         from finetune.export import export

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
@@ -95,9 +96,13 @@ class RoutingMetricsCallback(TrainerCallback):
     """
 
     def __init__(
-        self, *, per_expert: bool = True, drift: bool = True, probe_tokens: int = 256, prefix: str = "routing"
+        self, *, per_expert: bool = True, drift: bool = True, probe_tokens: int = 256, prefix: str = "routing",
+        baseline_dir=None,
     ):
         self.per_expert, self.drift, self.probe_tokens, self.prefix = per_expert, drift, probe_tokens, prefix
+        # Where the starting model's probe routing is kept (one file per rank), so that a resumed run
+        # measures drift against the true start, not against the checkpoint it resumed from.
+        self.baseline_dir = baseline_dir
         self.capture: RoutingCapture | None = None
         self._probe: dict | None = None
         self._start = None  # Routing of the starting model on the probe
@@ -117,6 +122,13 @@ class RoutingMetricsCallback(TrainerCallback):
         # Before the first update the weights are the starting model's: route the probe now.
         if self.capture is None or not self.drift or self._start is not None:
             return
+        baseline = Path(self.baseline_dir) / f"routing_baseline_{args.process_index}.pt" if self.baseline_dir else None
+        if baseline is not None and baseline.is_file():
+            # "cpu:0" (DDP on CPU) is not a location torch.load knows; plain "cpu" is.
+            device = "cpu" if args.device.type == "cpu" else args.device
+            saved = torch.load(baseline, weights_only=False, map_location=device)
+            self._probe, self._start = saved["probe"], saved["start"]
+            return
         inputs = self.capture.last_inputs
         if not inputs or "input_ids" not in inputs:
             return
@@ -127,6 +139,8 @@ class RoutingMetricsCallback(TrainerCallback):
         cut = slice(seq - cols, seq) if mask is not None and not bool(mask[:rows, 0].all()) else slice(0, cols)
         self._probe = {k: v[:rows, cut].detach().clone() for k, v in inputs.items()}
         self._start = self._route_probe()
+        if baseline is not None and baseline.parent.is_dir():
+            torch.save({"probe": self._probe, "start": self._start}, baseline)
         if not bool(self._start.mask.any()):
             log.warning("routing drift off: the probe batch has no real tokens")
             self.drift = False
