@@ -61,11 +61,16 @@ def probe_batch(tokenizer, length: int = 32) -> torch.Tensor:
     return ids
 
 
-def _check_destination(output: Path, overwrite: bool) -> None:
-    if output.exists() and not (output / MANIFEST).is_file() and not overwrite:
-        raise UserError(
-            f"--output {output} exists and is not a previous export; choose another directory or pass --overwrite"
-        )
+def _check_destination(output: str | Path, overwrite: bool, run: runs.Run) -> Path:
+    """The resolved --output, or a UserError: never the run, its chain, the base model, nor inside them
+    (finetune/outputs.py); --overwrite replaces only a previous export."""
+    from finetune.outputs import check_destination
+
+    protected = {"the run being exported": run.path}
+    protected.update({f"the run {link['run']} of its chain": link["run"] for link in run.chain[1:]})
+    if Path(run.chain[0]["model"]).exists():
+        protected["the base model"] = run.chain[0]["model"]
+    return check_destination(output, "export", overwrite, protected, what="--output")
 
 
 def _swap_into_place(tmp: Path, output: Path) -> None:
@@ -125,15 +130,15 @@ def export(run_dir: str, output: str, dtype: str = "bfloat16", max_shard_size: s
            forward_check: str = "auto", progress: bool = True) -> Path:
     started = time.perf_counter()
     run = runs.read_run(run_dir)
-    output = Path(output).resolve()
     if forward_check not in FORWARD_CHECKS:
         raise UserError(f"--forward-check {forward_check!r}: choose one of {', '.join(FORWARD_CHECKS)}")
     shards.parse_size(max_shard_size)
-    _check_destination(output, overwrite)
+    output = _check_destination(output, overwrite, run)
+    runs.verify_adapters(run)  # a damaged chain fails now, by file name, before any shard is read
     base_dir = shards.checkpoint_dir(run.recipe.model.name_or_path)
     adapter_dirs = chain.adapter_dirs(run)
     tokenizer = modeling.load_tokenizer(ModelSection(name_or_path=str(run.path)))
-    output.parent.mkdir(parents=True, exist_ok=True)
+    output.parent.mkdir(parents=True, exist_ok=True)  # only now: every check on the inputs has passed
     torch_dtype = modeling.DTYPES[dtype]
 
     tmp = _make_tmp(output)
