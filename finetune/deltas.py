@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from finetune.errors import UserError
 
@@ -79,8 +79,6 @@ def _owner(module_name: str) -> str:
 def read_adapter(meta_model_fn, path: Path) -> Adapter:
     """The terms of one adapter directory: PEFT's structure on a fresh meta model, factors from the file."""
     from peft import PeftModel
-    from peft.tuners.lora.layer import Linear, LoraLayer, ParamWrapper
-    from peft.utils.other import ModulesToSaveWrapper
 
     path = Path(path)
     config_file, weights_file = path / "adapter_config.json", path / "adapter_model.safetensors"
@@ -89,10 +87,21 @@ def read_adapter(meta_model_fn, path: Path) -> Adapter:
     config = json.loads(config_file.read_text())
     if config.get("peft_type") != "LORA" or config.get("use_dora") or config.get("lora_bias") or config.get("fan_in_fan_out"):
         raise UserError(f"{config_file}: export merges plain LoRA adapters (no DoRA, LoRA bias or fan_in_fan_out)")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # pattern keys on parameters; meta-device loading
-        peft_model = PeftModel.from_pretrained(meta_model_fn(), str(path), low_cpu_mem_usage=True)
-    adapter = Adapter(path=path, peft_model=peft_model)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pattern keys on parameters; meta-device loading
+            peft_model = PeftModel.from_pretrained(meta_model_fn(), str(path), low_cpu_mem_usage=True)
+        return _read_terms(Adapter(path=path, peft_model=peft_model), weights_file)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+        raise UserError(f"{weights_file}: cannot load the adapter ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+                        "the run chain is damaged: rerun that stage") from None
+
+
+def _read_terms(adapter: Adapter, weights_file: Path) -> Adapter:
+    from peft.tuners.lora.layer import Linear, LoraLayer, ParamWrapper
+    from peft.utils.other import ModulesToSaveWrapper
+
+    path, peft_model = adapter.path, adapter.peft_model
     with safe_open(str(weights_file), "pt") as f:
         stored = set(f.keys())
         used: set[str] = set()

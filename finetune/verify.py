@@ -108,17 +108,28 @@ def _layer_map(layers: list[int]):
 
 
 def truncate_checkpoint(src: Path, layers: list[int], dst: Path) -> Path:
-    """A copy of the checkpoint with only the given decoder layers (renumbered 0..k-1)."""
+    """A copy of the checkpoint with only the given decoder layers (renumbered 0..k-1), copied
+    tensor by tensor (finetune/shards.py's writer), so the copy never sits in memory."""
     rename = _layer_map(layers)
     dst.mkdir(parents=True)
-    kept = {}
-    for file in shards.shard_files(src):
-        with safe_open(str(file), "pt") as f:
-            for key in f.keys():
-                new = rename(key)
-                if new is not None:
-                    kept[new] = f.get_tensor(key)
-    save_file(kept, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    specs = shards.tensor_specs(shards.shard_files(src))
+    kept = [(key, rename(key)) for key in specs if rename(key) is not None]
+    writer = shards.ShardWriter(dst / "model.safetensors", [(new, specs[key][1], specs[key][2]) for key, new in kept])
+    try:
+        handles = {}
+        try:
+            for key, new in kept:
+                file = specs[key][0]
+                if file not in handles:
+                    for h in handles.values():
+                        h.__exit__(None, None, None)
+                    handles = {file: safe_open(str(file), "pt").__enter__()}
+                writer.write(new, handles[file].get_tensor(key))
+        finally:
+            for h in handles.values():
+                h.__exit__(None, None, None)
+    finally:
+        writer.close()
     config = json.loads((src / "config.json").read_text())
     text = config.get("text_config", config)
     text["num_hidden_layers"] = len(layers)
