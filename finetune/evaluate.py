@@ -132,10 +132,15 @@ def format_table(name: str, results: dict) -> str:
 
 
 def evaluate_cli(args) -> int:
-    model, tokenizer = load_for_inference(args.model)
-    results = evaluate(model, tokenizer, args.data, args.max_new_tokens, args.batch_size)
-    print(format_table(args.model, results))
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps({"model": args.model, "results": results}, indent=2))
+    from finetune.eval import cli as long_context
+
+    plan = long_context.check_args(args)
+    model, tokenizer = load_for_inference(args.model, args.dtype, args.device)
+    if args.data:
+        results = evaluate(model, tokenizer, args.data, args.max_new_tokens, args.batch_size)
+        print(format_table(args.model, results))
+        if args.output:
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.output).write_text(json.dumps({"model": args.model, "results": results}, indent=2))
+    long_context.run(model, tokenizer, args, plan)
     return 0
