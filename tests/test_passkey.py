@@ -117,3 +117,20 @@ def test_eval_cli_refuses_bad_flags_before_loading(tiny_mixtral, tmp_path, capsy
 
 def test_lengths_parse_k_suffixes():
     assert report.parse_lengths("512,1k,2K, 32768", "--lengths") == [512, 1024, 2048, 32768]
+
+
+def test_pipeline_table_has_a_passkey_column():
+    from finetune.pipeline import format_summary, pipeline_lengths
+
+    assert pipeline_lengths(512) == [128, 256, 384, 496, 1024]
+    def grid(acc):
+        cells = [{"length": n, "depth": 0.0, "status": "ok" if n < 512 else passkey.BEYOND, "accuracy": acc if n < 512 else None}
+                 for n in (128, 1024)]
+        return {"lengths": [128, 1024], "depths": [0.0], "trials": 4, "cells": cells, "accuracy": acc}
+
+    results = {stage: {"test.jsonl": {"exact_match": em, "n": 10}} for stage, em in (("base", 0.0), ("sft", 0.7))}
+    text = format_summary({"runs": {"sft": "s", "dpo": "runs/d", "export": "e"}, "results": results,
+                           "passkey": {"base": grid(0.0), "sft": grid(0.75)}, "seconds": {"total": 1.0}})
+    assert "passkey (in context)" in text.splitlines()[2]
+    assert text.splitlines()[4].split()[-2:] == ["0.7000", "0.7500"]
+    assert "sft: 0.75 beyond" in text
