@@ -13,9 +13,9 @@ from finetune.chain import load_for_inference
 from finetune.evaluate import evaluate
 from finetune.pipeline import run_pipeline
 
-# Measured on the exported DPO model: identical exact match, loss 1.20519 vs 1.20549 (2.5e-4).
+# Measured on the exported DPO model (CPU): identical exact match (0.819), loss 1.0565 vs 1.0611 (4.4e-3).
 BF16_EXACT_MATCH_TOLERANCE = 0.02  # share of the 160 test answers
-BF16_LOSS_TOLERANCE = 0.005  # relative
+BF16_LOSS_TOLERANCE = 0.01  # relative
 
 
 @pytest.mark.slow
