@@ -5,6 +5,7 @@
     finetune dpo recipes/tiny-moe/dpo.yaml
     finetune export runs/tiny-moe/dpo --output exports/tiny-moe-instruct
     finetune eval exports/tiny-moe-instruct --data data/tiny-tasks/test.jsonl
+    finetune eval runs/tiny-moe/sft --passkey --lengths 128,256,496 --long-ppl data/tiny-tasks/corpus.txt
     finetune pipeline recipes/tiny-moe --eval-data data/tiny-tasks/test.jsonl
     finetune routing runs/tiny-moe/dpo --data data/tiny-tasks/test.jsonl --compare model/tiny-moe
 

@@ -4,7 +4,8 @@
 
 Reads <dir>/sft.yaml and <dir>/dpo.yaml, points the DPO recipe at the SFT run it just made,
 exports the DPO chain, and scores the base model, the SFT run, the DPO run and the exported
-checkpoint on the same data. Writes <dpo output_dir>/pipeline.json with every figure and timing.
+checkpoint on the same data and on a small passkey grid (pipeline_lengths; files under
+<dpo output_dir>/passkey/<stage>/). Writes <dpo output_dir>/pipeline.json with every figure and timing.
 """
 
 from __future__ import annotations
