@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
+from safetensors import SafetensorError
 
 from finetune import modeling, runs
 from finetune.errors import UserError
@@ -35,17 +36,20 @@ def load_chain(run: runs.Run, dtype: str | None = None, keep_last: bool = False,
     compares its merged weights against). With a device_map the base is loaded onto its
     device(s) and PEFT puts each adapter beside the weights it changes, so merging happens there.
     """
+    runs.verify_adapters(run)  # before loading the base: a damaged chain fails in a second, by file name
     section = ModelSection(**{**run.recipe.model.__dict__})
     if dtype:
         section.dtype = dtype
     model = modeling.load_model(section, device_map=device_map)
     dirs = adapter_dirs(run)
     for i, path in enumerate(dirs):
-        if not (path / "adapter_config.json").is_file():
-            raise UserError(f"{path}: no adapter_config.json; the run chain of {run.path} is incomplete")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PEFT warns about pattern keys it matched on parameters
-            model = PeftModel.from_pretrained(model, str(path))
+            try:
+                model = PeftModel.from_pretrained(model, str(path))
+            except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+                raise UserError(f"{path / runs.ADAPTER_FILE}: cannot load the adapter ({str(exc).splitlines()[0]}); "
+                                f"the run chain of {run.path} is damaged: rerun that stage") from None
         if keep_last and i == len(dirs) - 1:
             break
         model = model.merge_and_unload()
