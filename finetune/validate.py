@@ -114,8 +114,13 @@ def check(recipe: Recipe, stage: str | None = None) -> Checked:
     problems: list[Problem] = list(recipe.problems)
     _check_stage_sections(recipe, stage, problems)
     _check_passthrough(recipe, stage, problems)
+    own_model = recipe.model
     if stage == "dpo" and recipe.from_run:
         recipe = inherit_from_parent(recipe, problems)
+    if not any(p.where == "model.quantization" for p in recipe.problems):
+        from finetune.qlora import recipe_problems  # QLoRA's own checks (4-bit base, finetune/qlora.py)
+
+        problems.extend(recipe_problems(recipe, own_model if stage == "dpo" else None))
     config, plan, moe = None, Plan(), False
     if recipe.model.name_or_path:
         try:

@@ -153,8 +153,10 @@ def claim_output_dir(recipe: Recipe, overwrite: bool) -> Path:
 
 
 def save_adapter(model, out: Path) -> None:
-    """The adapter in standard PEFT files; drop the trainer's checkpoint folder if it stayed empty."""
-    model.save_pretrained(out)
+    """The adapter in standard PEFT files; drop the trainer's checkpoint folder if it stayed empty.
+
+    Only the trained adapter (`default`): a 4-bit DPO run also holds the frozen SFT adapter as `ref`."""
+    model.save_pretrained(out, selected_adapters=["default"])
     checkpoints = out / "checkpoints"
     if checkpoints.is_dir() and not any(checkpoints.iterdir()):
         checkpoints.rmdir()

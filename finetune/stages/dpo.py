@@ -33,7 +33,14 @@ def build_trainer(recipe: Recipe, checked, aux_coef: float, parent: runs.Run, ex
     tokenizer = modeling.load_tokenizer(ModelSection(**{**recipe.model.__dict__, "name_or_path": str(parent.path)}))
     train, eval_ds, report = build_datasets(recipe.data, tokenizer, "preference", recipe.seed)
     args = common.trainer_args(recipe, "dpo", Path(recipe.output_dir), aux_coef, eval_ds is not None)
-    model = chain.load_chain(parent)
+    quantized = recipe.model.quantization == "nf4"
+    if quantized:  # the SFT adapter cannot merge into 4-bit weights: it becomes TRL's "ref" adapter
+        from finetune import qlora_chain
+
+        model = qlora_chain.load_base_for_dpo(parent)
+        DPOTrainer = qlora_chain.stacked_reference_trainer_class()  # noqa: N806
+    else:
+        model = chain.load_chain(parent)
     common.seed_everything(recipe.seed)
     common.announce_router(checked.plan, aux_coef)
     trainer = DPOTrainer(
@@ -46,6 +53,8 @@ def build_trainer(recipe: Recipe, checked, aux_coef: float, parent: runs.Run, ex
         peft_config=lora_config(checked.plan),
         callbacks=list(extra_callbacks),
     )
+    if quantized:
+        qlora_chain.add_reference_adapter(trainer.model, chain.adapter_dirs(parent)[0])
     counts = common.finish_wrap(trainer.model, checked.plan, recipe.lora.expert_path)
     common.attach_routing_metrics(trainer)
     return trainer, tokenizer, report, counts
@@ -61,5 +70,7 @@ def run_dpo(recipe: Recipe, overwrite: bool = False, callbacks=()):
     trainer, tokenizer, report, counts = build_trainer(recipe, checked, aux_coef, parent, callbacks)
 
     run_chain = parent.chain + [{"kind": "dpo", "run": str(out)}]
+    reference = (f"SFT adapter of {parent.path} as frozen adapter `ref` on the 4-bit base" if recipe.model.quantization == "nf4"
+                 else f"SFT chain of {parent.path} merged (adapters disabled)")
     return common.train_and_save("dpo", trainer, tokenizer, out, recipe, checked, counts, report, run_chain,
-                                 reference=f"SFT chain of {parent.path} merged (adapters disabled)")
+                                 reference=reference)
