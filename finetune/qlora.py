@@ -239,6 +239,12 @@ def load_quantized(section, device_map=None):
         )
     except (OSError, ValueError) as exc:
         raise UserError(f"model.name_or_path: cannot load weights from `{section.name_or_path}` in 4-bit: {exc}") from None
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            # bitsandbytes' CPU inference kernel repacks a Linear4bit weight in place on the first
+            # no-grad eval forward (training alternates with such forwards: eval, routing probes),
+            # and fails for layers narrower than the block size; keep the one packed format.
+            m.support_avx512bf16_for_cpu = False
     n = quantize_experts(model, dtype)
     log.info("4-bit NF4: linear layers through bitsandbytes, experts of %d MoE layers quantized per expert", n)
     return model

@@ -15,7 +15,7 @@ adapter disabled (the 4-bit *base*, the wrong reference here). So the SFT adapte
 under the name "ref", frozen: the reference is base + SFT, the policy base + SFT + DPO. TRL's
 `use_adapter` restores only the previously active *single* adapter when it exits, which would
 drop the SFT adapter from the policy; `StackedReferenceDPOTrainer` re-activates the stack
-before every loss. tests/test_qlora_stages.py proves it with first-step rewards of 0.
+around every loss (before backward too: gradient checkpointing recomputes the policy forward). tests/test_qlora_stages.py proves it with first-step rewards of 0.
 """
 
 from __future__ import annotations
@@ -90,8 +90,14 @@ def stacked_reference_trainer_class():
         """DPOTrainer whose policy keeps the frozen `ref` (SFT) adapter active under the trained one."""
 
         def compute_loss(self, model, inputs, *args, **kwargs):
-            activate_stack(self.accelerator.unwrap_model(self.model))
-            return super().compute_loss(model, inputs, *args, **kwargs)
+            peft_model = self.accelerator.unwrap_model(self.model)
+            activate_stack(peft_model)
+            try:
+                return super().compute_loss(model, inputs, *args, **kwargs)
+            finally:
+                # before backward: gradient checkpointing recomputes the policy forward then, and
+                # must see the same adapters as the forward did (TRL's reference pass left `default` alone)
+                activate_stack(peft_model)
 
     return StackedReferenceDPOTrainer
 

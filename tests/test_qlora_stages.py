@@ -1,0 +1,88 @@
+"""QLoRA through both stages on a tiny Mixtral: SFT and DPO on a 4-bit base (finetune/qlora.py,
+finetune/qlora_chain.py). The DPO reference is base + SFT adapter (first-step rewards are 0),
+the 4-bit base never changes, and the adapters load with plain PEFT on the unquantized base.
+
+Run: `pytest tests/test_qlora_stages.py`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import recipe_file, sft_recipe
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from finetune import chain, runs
+from finetune.recipe import read_recipe
+from finetune.stages import common
+from finetune.stages.dpo import build_trainer
+from finetune.stages.sft import run_sft
+from finetune.validate import check
+
+
+def packed_bytes(model) -> dict[str, torch.Tensor]:
+    """Every 4-bit tensor of the model (experts' NF4 buffers and Linear4bit weights), cloned."""
+    out = {}
+    for name, t in list(model.named_buffers()) + list(model.named_parameters()):
+        if "_nf4_" in name or type(t).__name__ == "Params4bit":
+            out[name.replace("base_model.model.", "").replace(".base_layer", "")] = t.detach().clone()
+    return out
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory, tiny_mixtral, sft_file):
+    tmp = tmp_path_factory.mktemp("qsft")
+    recipe = sft_recipe(tmp, tiny_mixtral, sft_file, sft={"learning_rate": 5e-2, "max_steps": 4})
+    recipe["model"]["quantization"] = "nf4"
+    return run_sft(read_recipe(recipe_file(tmp, **recipe)))
+
+
+def test_sft_run_trains_adapters_only_and_loads_with_plain_peft(sft_run, tiny_mixtral):
+    run = runs.read_run(sft_run)
+    assert run.recipe.model.quantization == "nf4"
+    quant = chain.load_chain(run)  # 4-bit base + the adapter, unmerged
+    base4 = chain.load_chain(run).get_base_model()  # fresh 4-bit base, to compare bytes with the trained one
+    ids = torch.tensor([[1, 5, 6, 7, 8, 9, 10, 11]])
+    with torch.no_grad():
+        with quant.disable_adapter():
+            before = quant(ids).logits
+        after = quant(ids).logits
+    assert (after - before).abs().max() > 1e-3  # the adapter does something
+    # plain PEFT on the 16-bit base: the files are standard
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_mixtral, dtype=torch.float32), str(sft_run))
+    names = {n for n, _ in plain.named_parameters() if "lora_" in n}
+    assert any(".experts." in n for n in names) and any("q_proj" in n for n in names)
+    with torch.no_grad():
+        plain_logits = plain(ids).logits
+    # same adapter on the 16-bit base: close to the 4-bit model, not equal (NF4 error)
+    assert 0 < (plain_logits - after).abs().max() < 0.5 * after.abs().max()
+    assert packed_bytes(base4).keys() == packed_bytes(quant).keys()
+
+
+def test_dpo_on_4bit_reference_is_sft_and_base_never_changes(tmp_path, sft_run, pref_file):
+    path = recipe_file(
+        tmp_path, "dpo.yaml", output_dir=str(tmp_path / "dpo-run"), from_run=str(sft_run),
+        data={"train": [str(pref_file)], "max_length": 64},
+        lora={"attention": {"r": 4, "alpha": 8}, "experts": {"r": 4, "alpha": 8}},
+        dpo={"max_steps": 3, "per_device_train_batch_size": 4, "logging_steps": 1, "learning_rate": 1e-2},
+    )
+    checked = check(read_recipe(path), "dpo")
+    assert checked.recipe.model.quantization == "nf4"  # inherited from the SFT run
+    recipe = common.absolute(checked.recipe)
+    trainer, *_ = build_trainer(recipe, checked, 0.02, runs.read_run(sft_run))
+    model = trainer.model
+    before = packed_bytes(model)
+    sft_lora = {n: p.detach().clone() for n, p in model.named_parameters() if ".ref." in n}
+    assert sft_lora and all(not model.get_parameter(n).requires_grad for n in sft_lora)
+    trainer.train()
+    logs = [e for e in trainer.state.log_history if "rewards/chosen" in e]
+    assert logs[0]["rewards/chosen"] == 0.0 and logs[0]["rewards/rejected"] == 0.0  # policy == reference
+    assert any(e["rewards/margins"] != 0.0 for e in logs[1:])  # and then they part
+    after = packed_bytes(model)
+    assert before.keys() == after.keys() and len(before) > 0
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.equal(sft_lora[n], model.get_parameter(n)) for n in sft_lora)
+    assert set(model.active_adapters) == {"ref", "default"}
+    common.save_adapter(model, tmp_path / "saved")
+    assert (tmp_path / "saved" / "adapter_model.safetensors").is_file() and not (tmp_path / "saved" / "ref").exists()
