@@ -84,7 +84,8 @@ def export(run_dir: str, output: str, dtype: str = "bfloat16", max_shard_size: s
     probe = probe_batch(tokenizer)
 
     log.info("rebuilding the adapter chain of %s in float32", run.path)
-    unmerged = chain.load_chain(run, dtype="float32", keep_last=True)
+    # a 4-bit (QLoRA) run merges into the original 16-bit base too, then is compared with its 4-bit self below
+    unmerged = chain.load_chain(run, dtype="float32", keep_last=True, quantized=False)
     reference = chain.probe_logits(unmerged, probe)
     merged = unmerged.merge_and_unload() if hasattr(unmerged, "merge_and_unload") else unmerged
     merged = merged.to(modeling.DTYPES[dtype])
@@ -113,6 +114,10 @@ def export(run_dir: str, output: str, dtype: str = "bfloat16", max_shard_size: s
             )
         manifest = {"run": str(run.path), "chain": run.chain, "dtype": dtype, "probe_relative_error": error,
                     "tolerance": TOLERANCE[dtype], "end_of_turn_token": eot}
+        if run.recipe.model.quantization == "nf4":
+            from finetune.qlora_chain import check_against_4bit
+
+            manifest.update(check_against_4bit(run, probe, got))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         write_model_card(tmp, run, manifest)
         _swap_into_place(tmp, output)

@@ -24,7 +24,7 @@ import warnings
 
 from peft import PeftModel
 
-from finetune import qlora
+from finetune import modeling, qlora
 from finetune.errors import UserError
 from finetune.recipe import ModelSection
 
@@ -110,3 +110,40 @@ def load_base_for_dpo(parent):
 def is_quantized(section) -> bool:
     return getattr(section, "quantization", "none") == "nf4"
 
+
+
+# A 16-bit export of a 4-bit run differs from the trained 4-bit model by the base's quantization
+# error, which the adapters neither add nor remove (their deltas do not depend on W). So the
+# tolerance is measured, not fixed: the base model's own 4-bit vs 16-bit gap on the same probe.
+# The exported model may differ from the 4-bit chain by at most GAP_FACTOR times that gap (the
+# adapters change activations, so the propagated error changes a little) plus GAP_SLACK.
+GAP_FACTOR, GAP_SLACK = 2.0, 1e-3
+
+
+def relative(a, b) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-6)).item()
+
+
+def check_against_4bit(run, probe, exported_logits) -> dict:
+    """Compare the 16-bit export with the 4-bit adapter chain it was trained as; CheckFailed if too far."""
+    from finetune.chain import adapter_dirs, probe_logits
+    from finetune.errors import CheckFailed
+
+    section = ModelSection(**{**run.recipe.model.__dict__})
+    quant = load_stacked(section, adapter_dirs(run))
+    chain4 = probe_logits(quant, probe)
+    with quant.disable_adapter():
+        base4 = probe_logits(quant, probe)
+    del quant
+    plain = modeling.load_model(ModelSection(**{**section.__dict__, "quantization": "none", "dtype": "float32"}))
+    base16 = probe_logits(plain.eval(), probe)
+    del plain
+    gap, error = relative(base4, base16), relative(chain4, exported_logits)
+    tolerance = GAP_FACTOR * gap + GAP_SLACK
+    if not error <= tolerance:
+        raise CheckFailed(
+            f"export check failed: the merged 16-bit checkpoint's logits differ from the 4-bit adapter chain it was "
+            f"trained as by {error:.3e} (relative), above {tolerance:.3e} = {GAP_FACTOR:g} x the base model's own "
+            f"4-bit vs 16-bit gap ({gap:.3e}) + {GAP_SLACK:g}"
+        )
+    return {"nf4_chain_relative_error": error, "nf4_base_gap": gap, "nf4_tolerance": tolerance}

@@ -16,8 +16,8 @@ from finetune.errors import UserError
 from finetune.recipe import read_recipe
 from finetune.validate import check
 
-SHIPPED_SFT = sorted((REPO / "recipes").glob("*/sft.yaml"))
-SHIPPED_DPO = sorted((REPO / "recipes").glob("*/dpo.yaml"))
+SHIPPED_SFT = sorted((REPO / "recipes").glob("*/sft*.yaml"))  # sft.yaml, sft-qlora.yaml, ...
+SHIPPED_DPO = sorted((REPO / "recipes").glob("*/dpo*.yaml"))  # each checked against its sft*.yaml twin
 
 
 def problems_of(path: Path, stage=None) -> list[str]:
@@ -26,7 +26,7 @@ def problems_of(path: Path, stage=None) -> list[str]:
     return [str(p) for p in info.value.problems]
 
 
-@pytest.mark.parametrize("path", SHIPPED_SFT, ids=lambda p: p.parent.name)
+@pytest.mark.parametrize("path", SHIPPED_SFT, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_shipped_sft_recipes_validate(path, monkeypatch):
     monkeypatch.chdir(REPO)
     checked = check(read_recipe(path.relative_to(REPO)))
@@ -34,17 +34,19 @@ def test_shipped_sft_recipes_validate(path, monkeypatch):
     assert set(checked.plan.groups) == {"attention", "experts"}
 
 
-@pytest.mark.parametrize("path", SHIPPED_DPO, ids=lambda p: p.parent.name)
+@pytest.mark.parametrize("path", SHIPPED_DPO, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_shipped_dpo_recipes_validate(path, tmp_path, monkeypatch):
     """A DPO recipe is checked against the SFT run it names; stand one up from the shipped SFT recipe."""
     monkeypatch.chdir(REPO)
-    sft = read_recipe(path.parent / "sft.yaml")
+    twin = path.parent / path.name.replace("dpo", "sft")
+    sft = read_recipe(twin)
     run = tmp_path / "sft-run"
     run.mkdir()
-    (run / "recipe.yaml").write_text((path.parent / "sft.yaml").read_text())
+    (run / "recipe.yaml").write_text(twin.read_text())
     (run / "chain.json").write_text(json.dumps([{"kind": "base", "model": sft.model.name_or_path}, {"kind": "sft", "run": str(run)}]))
     checked = check(read_recipe(path.relative_to(REPO), [f"from_run={run}"]))
     assert checked.stage == "dpo" and checked.recipe.model.name_or_path == sft.model.name_or_path
+    assert checked.recipe.model.quantization == sft.model.quantization
     assert set(checked.plan.groups) == {"attention", "experts"}
 
 
