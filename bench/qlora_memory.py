@@ -7,7 +7,8 @@ Each load runs in a fresh subprocess so its peak RSS (VmHWM) is its own: the 16-
 transformers loads it, and the same checkpoint through finetune.qlora.load_quantized. Reported
 per model: the tensors' byte counts by kind (NF4 experts with their quantization state,
 bitsandbytes Linear4bit with theirs, everything else in 16/32-bit), RSS after the load (VmRSS,
-after gc) and the peak (VmHWM), all per parameter of the original model. From the measured bytes
+after gc and malloc_trim; also split into anonymous memory and file-backed pages, which are
+the mmap-ed safetensors) and the peak (VmHWM), per parameter of the original model. From the measured bytes
 per 4-bit parameter it then computes Mixtral-8x7B's training memory on one GPU: weights + LoRA
 (attention and experts, r=16) + AdamW state + activations at 4k tokens with gradient
 checkpointing (a computed estimate, not a GPU measurement).
@@ -46,7 +47,7 @@ def measure(path: str, quantized: bool, dtype: str) -> dict:
     from finetune import qlora
     from finetune.recipe import ModelSection
 
-    baseline = _status("VmRSS")
+    baseline, baseline_anon = _status("VmRSS"), _status("RssAnon")
     section = ModelSection(name_or_path=path, dtype=dtype)
     if quantized:
         model = qlora.load_quantized(section)
@@ -55,8 +56,12 @@ def measure(path: str, quantized: bool, dtype: str) -> dict:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
         held = {"other": sum(p.nbytes for p in model.parameters()) + sum(b.nbytes for b in model.buffers())}
     gc.collect()
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed 16-bit buffers back to the OS, so RSS shows what is held
     return {"tensors": held, "rss_after_load": _status("VmRSS") - baseline, "peak_rss": _status("VmHWM"),
-            "baseline_rss": baseline}
+            "baseline_rss": baseline, "rss_anon_after_load": _status("RssAnon") - baseline_anon,
+            "rss_file_after_load": _status("RssFile")}
 
 
 def params_of(path: str) -> dict:
@@ -110,6 +115,10 @@ def report(name: str, path: str, dtype: str) -> dict:
         "other_bytes": t["other"],
         "16bit_rss_after_load_per_param": full["rss_after_load"] / n["total"],
         "4bit_rss_after_load_per_param": quant["rss_after_load"] / n["total"],
+        "16bit_anonymous_rss_after_load_per_param": full["rss_anon_after_load"] / n["total"],
+        "4bit_anonymous_rss_after_load_per_param": quant["rss_anon_after_load"] / n["total"],
+        "16bit_file_backed_rss_GiB": full["rss_file_after_load"] / GiB,
+        "4bit_file_backed_rss_GiB": quant["rss_file_after_load"] / GiB,
         "16bit_peak_rss_GiB": full["peak_rss"] / GiB, "4bit_peak_rss_GiB": quant["peak_rss"] / GiB,
         "process_baseline_rss_GiB": quant["baseline_rss"] / GiB,
     }

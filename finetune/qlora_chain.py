@@ -147,3 +147,26 @@ def check_against_4bit(run, probe, exported_logits) -> dict:
             f"4-bit vs 16-bit gap ({gap:.3e}) + {GAP_SLACK:g}"
         )
     return {"nf4_chain_relative_error": error, "nf4_base_gap": gap, "nf4_tolerance": tolerance}
+
+
+def parameter_target_problems(recipe, plan, model, moe) -> list:
+    """4-bit DPO stacks its adapter on the SFT one, and PEFT allows several adapters on raw
+    parameters (target_parameters: experts, router LoRA) only if they all target the same ones."""
+    from finetune import runs
+    from finetune.errors import Problem
+    from finetune.lora import lora_config, plan_targets
+
+    if recipe.model.quantization != "nf4" or not recipe.from_run:
+        return []
+    try:
+        parent = runs.read_run(recipe.from_run)
+    except UserError:
+        return []  # reported already
+    parent_plan, _ = plan_targets(parent.recipe.lora, parent.recipe.router, model, moe)
+    theirs = sorted(lora_config(parent_plan).target_parameters or [])
+    mine = sorted(lora_config(plan).target_parameters or [])
+    if mine == theirs:
+        return []
+    return [Problem("lora", f"with a 4-bit base the SFT adapter stays loaded beside the DPO adapter, and PEFT needs both "
+                    f"to put LoRA on the same raw parameters: the SFT run has {theirs}, this recipe {mine}; use the "
+                    "SFT run's lora.experts targets and router.policy")]

@@ -134,6 +134,9 @@ def check(recipe: Recipe, stage: str | None = None) -> Checked:
         model = modeling.meta_model(config, recipe.model.trust_remote_code)
         plan, target_problems = plan_targets(recipe.lora, recipe.router, model, moe)
         problems.extend(target_problems)
+        from finetune.qlora_chain import parameter_target_problems  # 4-bit DPO stacks adapters
+
+        problems.extend(parameter_target_problems(recipe, plan, model, moe))
     if problems:
         raise UserError(problems, title=f"{recipe.source or 'recipe'}: {len(problems)} problem(s)")
     return Checked(recipe=recipe, stage=stage, config=config, plan=plan, moe=moe)

@@ -105,3 +105,16 @@ def test_export_of_4bit_run_merges_into_16bit_base(tmp_path, sft_run, tiny_mixtr
     with torch.no_grad():
         torch.testing.assert_close(exported(ids).logits, plain(ids).logits, rtol=1e-4, atol=1e-4)
     assert not any("nf4" in k for k in exported.state_dict())
+
+
+def test_4bit_dpo_must_target_the_sft_runs_parameters(tmp_path, sft_run, pref_file):
+    """The SFT adapter stays loaded under the DPO one; PEFT refuses differing target_parameters,
+    so validation says so first (router LoRA here, absent from the SFT run)."""
+    from finetune.errors import UserError
+
+    path = recipe_file(tmp_path, "dpo.yaml", output_dir=str(tmp_path / "dpo-run"), from_run=str(sft_run),
+                       data={"train": [str(pref_file)], "max_length": 64}, router={"policy": "lora"})
+    with pytest.raises(UserError) as err:
+        check(read_recipe(path), "dpo")
+    assert any(p.where == "lora" and "mlp.gate.weight" in p.what for p in err.value.problems)
+    assert not (tmp_path / "dpo-run").exists()
