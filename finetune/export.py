@@ -125,4 +125,7 @@ def export(run_dir: str, output: str, dtype: str = "bfloat16", max_shard_size: s
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     print(f"exported {run.path} -> {output} ({dtype}; merge check: relative logit error {error:.2e} <= {TOLERANCE[dtype]:.0e})")
+    if "nf4_tolerance" in manifest:
+        print(f"  against the 4-bit chain it was trained as: {manifest['nf4_chain_relative_error']:.2e} <= "
+              f"{manifest['nf4_tolerance']:.2e} (2 x the base's own 4-bit vs 16-bit gap {manifest['nf4_base_gap']:.2e} + 1e-3)")
     return output
