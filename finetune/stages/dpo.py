@@ -9,6 +9,8 @@ disabled, which is then exactly the SFT model. (Handing TRL the SFT PeftModel in
 copy the adapter into a "ref" adapter; the merged design is simpler to verify and keeps one
 adapter per stage, which export merges in order.) tests/test_dpo.py proves it: at the first
 step every implicit reward is 0, and the reference log-probs equal base + SFT adapter.
+On a 4-bit base (`model.quantization: nf4` in the SFT run) the SFT adapter cannot be merged, so
+it stays loaded as TRL's frozen "ref" adapter instead (finetune/qlora_chain.py).
 """
 
 from __future__ import annotations
