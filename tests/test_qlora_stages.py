@@ -35,7 +35,8 @@ def packed_bytes(model) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory, tiny_mixtral, sft_file):
     tmp = tmp_path_factory.mktemp("qsft")
-    recipe = sft_recipe(tmp, tiny_mixtral, sft_file, sft={"learning_rate": 5e-2, "max_steps": 4})
+    # router LoRA too: the router stays 16-bit on a 4-bit base, and DPO must stack its LoRA as well
+    recipe = sft_recipe(tmp, tiny_mixtral, sft_file, sft={"learning_rate": 5e-2, "max_steps": 4}, router={"policy": "lora"})
     recipe["model"]["quantization"] = "nf4"
     return run_sft(read_recipe(recipe_file(tmp, **recipe)))
 
@@ -54,7 +55,7 @@ def test_sft_run_trains_adapters_only_and_loads_with_plain_peft(sft_run, tiny_mi
     # plain PEFT on the 16-bit base: the files are standard
     plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_mixtral, dtype=torch.float32), str(sft_run))
     names = {n for n, _ in plain.named_parameters() if "lora_" in n}
-    assert any(".experts." in n for n in names) and any("q_proj" in n for n in names)
+    assert any(".experts." in n for n in names) and any("q_proj" in n for n in names) and any("mlp.gate" in n for n in names)
     with torch.no_grad():
         plain_logits = plain(ids).logits
     # same adapter on the 16-bit base: close to the 4-bit model, not equal (NF4 error)
@@ -66,7 +67,7 @@ def test_dpo_on_4bit_reference_is_sft_and_base_never_changes(tmp_path, sft_run, 
     path = recipe_file(
         tmp_path, "dpo.yaml", output_dir=str(tmp_path / "dpo-run"), from_run=str(sft_run),
         data={"train": [str(pref_file)], "max_length": 64},
-        lora={"attention": {"r": 4, "alpha": 8}, "experts": {"r": 4, "alpha": 8}},
+        lora={"attention": {"r": 4, "alpha": 8}, "experts": {"r": 4, "alpha": 8}}, router={"policy": "lora"},
         dpo={"max_steps": 3, "per_device_train_batch_size": 4, "logging_steps": 1, "learning_rate": 1e-2},
     )
     checked = check(read_recipe(path), "dpo")
@@ -76,6 +77,9 @@ def test_dpo_on_4bit_reference_is_sft_and_base_never_changes(tmp_path, sft_run, 
     model = trainer.model
     before = packed_bytes(model)
     sft_lora = {n: p.detach().clone() for n, p in model.named_parameters() if ".ref." in n}
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters()  # router, norms, embeddings, SFT LoRA
+              if not p.requires_grad and p.stride() != (0,) * p.ndim and type(p).__name__ != "Params4bit"}
+    assert any("mlp.gate" in n and "lora" not in n for n in frozen)
     assert sft_lora and all(not model.get_parameter(n).requires_grad for n in sft_lora)
     trainer.train()
     logs = [e for e in trainer.state.log_history if "rewards/chosen" in e]
@@ -85,6 +89,7 @@ def test_dpo_on_4bit_reference_is_sft_and_base_never_changes(tmp_path, sft_run, 
     assert before.keys() == after.keys() and len(before) > 0
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(torch.equal(sft_lora[n], model.get_parameter(n)) for n in sft_lora)
+    assert all(torch.equal(frozen[n], model.get_parameter(n)) for n in frozen)
     assert set(model.active_adapters) == {"ref", "default"}
     common.save_adapter(model, tmp_path / "saved")
     assert (tmp_path / "saved" / "adapter_model.safetensors").is_file() and not (tmp_path / "saved" / "ref").exists()
@@ -109,11 +114,11 @@ def test_export_of_4bit_run_merges_into_16bit_base(tmp_path, sft_run, tiny_mixtr
 
 def test_4bit_dpo_must_target_the_sft_runs_parameters(tmp_path, sft_run, pref_file):
     """The SFT adapter stays loaded under the DPO one; PEFT refuses differing target_parameters,
-    so validation says so first (router LoRA here, absent from the SFT run)."""
+    so validation says so first (the SFT run has router LoRA, this recipe a frozen router)."""
     from finetune.errors import UserError
 
     path = recipe_file(tmp_path, "dpo.yaml", output_dir=str(tmp_path / "dpo-run"), from_run=str(sft_run),
-                       data={"train": [str(pref_file)], "max_length": 64}, router={"policy": "lora"})
+                       data={"train": [str(pref_file)], "max_length": 64}, router={"policy": "freeze"})
     with pytest.raises(UserError) as err:
         check(read_recipe(path), "dpo")
     assert any(p.where == "lora" and "mlp.gate.weight" in p.what for p in err.value.problems)
