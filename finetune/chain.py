@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
+from safetensors import SafetensorError
 
 from finetune import modeling, runs
 from finetune.errors import UserError
@@ -35,6 +36,7 @@ def load_chain(run: runs.Run, dtype: str | None = None, keep_last: bool = False,
     as the run was trained) loads that base with the adapters stacked, unmerged
     (finetune/qlora_chain.py); quantized=False merges them into the 16-bit base instead (export).
     """
+    runs.verify_adapters(run)  # before loading the base: a damaged chain fails in a second, by file name
     section = ModelSection(**{**run.recipe.model.__dict__})
     if dtype:
         section.dtype = dtype
@@ -48,11 +50,13 @@ def load_chain(run: runs.Run, dtype: str | None = None, keep_last: bool = False,
     model = modeling.load_model(section)
     dirs = adapter_dirs(run)
     for i, path in enumerate(dirs):
-        if not (path / "adapter_config.json").is_file():
-            raise UserError(f"{path}: no adapter_config.json; the run chain of {run.path} is incomplete")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PEFT warns about pattern keys it matched on parameters
-            model = PeftModel.from_pretrained(model, str(path))
+            try:
+                model = PeftModel.from_pretrained(model, str(path))
+            except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+                raise UserError(f"{path / runs.ADAPTER_FILE}: cannot load the adapter ({str(exc).splitlines()[0]}); "
+                                f"the run chain of {run.path} is damaged: rerun that stage") from None
         if keep_last and i == len(dirs) - 1:
             break
         model = model.merge_and_unload()

@@ -23,6 +23,32 @@ from finetune.errors import CheckFailed, UserError
 EXIT_USER_ERROR = 2
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (a batch of 0 rows or 0 new tokens would fail late or say nothing)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def shard_size(text: str) -> int | str:
+    """argparse type for --max-shard-size, parsed the way transformers' save_pretrained will parse it,
+    so a bad size fails before the merge instead of after it. Bare digits are bytes."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    value: int | str = int(text) if text.isdigit() else text
+    try:
+        size = convert_file_size_to_int(value)
+    except ValueError:
+        size = None
+    if size is None or size < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; write a whole number and a unit, e.g. 5GB, 500MB, 2GiB")
+    return value
+
+
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="path to a recipe YAML file")
     p.add_argument(
@@ -41,21 +67,24 @@ def build_parser() -> argparse.ArgumentParser:
     for stage in ("sft", "dpo"):
         p = sub.add_parser(stage, help=f"run a {stage.upper()} recipe")
         _add_recipe_args(p)
-        p.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace a finished run at output_dir (only a run of this project; it stays intact until the new one has finished)")
+        p.add_argument("--resume", action="store_true",
+                       help="continue an interrupted run from its newest complete checkpoint (<parent>/.<name>.incomplete/)")
 
     p = sub.add_parser("export", help="merge a run's adapter chain into a standalone checkpoint")
     p.add_argument("run", help="run directory (SFT or DPO)")
     p.add_argument("--output", required=True, help="directory to write the checkpoint to")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"], help="dtype of the saved weights")
-    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    p.add_argument("--max-shard-size", default="5GB", type=shard_size, help="largest safetensors shard (default 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output directory")
 
     p = sub.add_parser("eval", help="loss, exact-match and preference accuracy of a model, run or export")
     p.add_argument("model", help="base model (directory or hub id), run directory, or exported checkpoint")
     p.add_argument("--data", action="append", required=True, help="data file (SFT rows, test prompts with `answer`, or preference pairs); repeatable")
     p.add_argument("--output", help="write the figures as JSON here")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=positive_int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32)
 
     p = sub.add_parser("pipeline", help="the whole job: SFT -> DPO -> export -> eval of base, SFT, DPO and export")
     p.add_argument("recipes", help="directory holding sft.yaml and dpo.yaml, e.g. recipes/tiny-moe")
@@ -71,10 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", action="append", required=True, help="data file; each file (or its `source` column) is a data source; repeatable")
     p.add_argument("--compare", help="a second model/run to compare against (e.g. the base model)")
     p.add_argument("--output", required=True, help="report directory")
-    p.add_argument("--max-rows", type=int, default=256, help="texts per data source (default 256)")
+    p.add_argument("--max-rows", type=positive_int, default=256, help="texts per data source (default 256)")
     p.add_argument("--source-column", default="source", help="row column naming its data source (default: source)")
-    p.add_argument("--max-length", type=int, default=1024, help="tokens per text (default 1024)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=positive_int, default=1024, help="tokens per text (default 1024)")
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots (they need matplotlib)")
     return parser
 
@@ -86,6 +115,32 @@ def _configure_logging(quiet: bool) -> None:
     import transformers
 
     transformers.logging.set_verbosity_warning()
+
+
+def check_output_path(path: str, flag: str, directory: bool) -> None:
+    """Refuse, before any work, an output the command could not write: a path below a regular
+    file, a report directory that is a file, a results file that is a directory, or an existing
+    file this project did not write (eval replaces only its own results JSON)."""
+    from pathlib import Path
+
+    out = Path(path)
+    for parent in out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"{flag} {path}: {parent} is a file, not a directory; choose another path")
+    if directory and out.exists() and not out.is_dir():
+        raise UserError(f"{flag} {path} is an existing file; the report is a directory: choose another path")
+    if not directory and out.is_dir():
+        raise UserError(f"{flag} {path} is a directory; give the path of the JSON file to write")
+    if not directory and out.exists():
+        import json
+
+        try:
+            ours = set(json.loads(out.read_text(encoding="utf-8"))) >= {"model", "results"}
+        except (OSError, ValueError, TypeError):
+            ours = False
+        if not ours:
+            raise UserError(f"{flag} {path} exists and is not a `finetune eval` results file; "
+                            "choose another path or remove it")
 
 
 def dispatch(args) -> int:
@@ -101,12 +156,12 @@ def dispatch(args) -> int:
     if args.command == "sft":
         from finetune.stages.sft import run_sft
 
-        run_sft(read_recipe(args.recipe, args.overrides), overwrite=args.overwrite)
+        run_sft(read_recipe(args.recipe, args.overrides), overwrite=args.overwrite, resume=args.resume)
         return 0
     if args.command == "dpo":
         from finetune.stages.dpo import run_dpo
 
-        run_dpo(read_recipe(args.recipe, args.overrides), overwrite=args.overwrite)
+        run_dpo(read_recipe(args.recipe, args.overrides), overwrite=args.overwrite, resume=args.resume)
         return 0
     if args.command == "export":
         from finetune.export import export
@@ -116,6 +171,8 @@ def dispatch(args) -> int:
     if args.command == "eval":
         from finetune.evaluate import evaluate_cli
 
+        if args.output:
+            check_output_path(args.output, "--output", directory=False)
         return evaluate_cli(args)
     if args.command == "pipeline":
         from finetune.pipeline import run_pipeline
@@ -125,6 +182,7 @@ def dispatch(args) -> int:
     if args.command == "routing":
         from finetune.routing.cli import routing_cli
 
+        check_output_path(args.output, "--output", directory=True)
         return routing_cli(args)
     raise AssertionError(args.command)
 

@@ -1,4 +1,7 @@
-"""Data: read rows from files or the hub, check each one, and shape them for the trainers.
+"""Data: check each row (read by finetune/datafiles.py) and shape the rows for the trainers.
+
+Message content is a string or a list of text parts (`[{"type": "text", "text": ...}]`, joined);
+other part types are bad rows, named by type.
 
 SFT rows (`messages`, or `prompt`/`completion`) are tokenized here with the chat template and an
 assistant mask. TRL's own assistant-only loss needs `{% generation %}` markers that Mixtral's
@@ -11,19 +14,17 @@ Every bad row is reported with its file and row number; `data.bad_rows: drop` sk
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from datasets import Dataset
 
+from finetune.datafiles import LOCAL_SUFFIXES, Row, count_rows, read_rows  # noqa: F401 (re-exported)
 from finetune.errors import Problem, UserError
 from finetune.recipe import DataSection
 
 log = logging.getLogger(__name__)
 
-LOCAL_SUFFIXES = {".jsonl", ".json", ".parquet"}
 ROLES = {"system", "user", "assistant"}
 
 
@@ -32,63 +33,35 @@ class RowError(Exception):
 
 
 @dataclass
-class Row:
-    source: str
-    number: int
-    """1-based row (line, for JSONL) number within its source."""
-    value: dict
-
-
-@dataclass
 class Report:
     rows: int = 0
     dropped: list[Problem] = field(default_factory=list)
 
 
-def read_rows(source: str) -> list[Row]:
-    """All rows of a local .jsonl/.json/.parquet file, or of a hub data set `name[:split]`."""
-    path = Path(source)
-    if path.suffix in LOCAL_SUFFIXES:
-        if not path.is_file():
-            raise UserError(f"data file not found: {source} (relative paths are read from {Path.cwd()})")
-        if path.suffix == ".jsonl":
-            rows = []
-            for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(Row(source, i, json.loads(line)))
-                except json.JSONDecodeError as exc:
-                    raise UserError(f"{source}:{i}: not valid JSON ({exc.msg}, column {exc.colno})") from None
-            return rows
-        if path.suffix == ".json":
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{source}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
-            if not isinstance(data, list):
-                raise UserError(f"{source}: expected a JSON list of rows, got {type(data).__name__}")
-            return [Row(source, i, r) for i, r in enumerate(data, start=1)]
-        table = Dataset.from_parquet(str(path))
-        return [Row(source, i, r) for i, r in enumerate(table, start=1)]
-    return _read_hub(source)
-
-
-def _read_hub(source: str) -> list[Row]:
-    from datasets import load_dataset
-
-    name, _, split = source.partition(":")
-    try:
-        table = load_dataset(name, split=split or "train")
-    except Exception as exc:  # datasets raises many types for "not found / offline"
-        raise UserError(
-            f"cannot load `{source}`: it is not a local .jsonl/.json/.parquet file, and the hub data set could not be "
-            f"loaded ({exc.__class__.__name__}: {exc}). Check the path, or download the data set and name the file."
-        ) from None
-    return [Row(source, i, r) for i, r in enumerate(table, start=1)]
-
-
 # ---------------------------------------------------------------- row checks
+
+def message_text(content, what: str) -> str:
+    """A message's content as text: a string, or a list of text parts (the OpenAI/transformers
+    multimodal shape, common in chat data) joined with newlines, as vLLM joins them."""
+    if isinstance(content, str):
+        text = content
+    elif isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content, start=1):
+            if not isinstance(part, dict) or "type" not in part:
+                raise RowError(f"`{what}` part {j} must be a mapping with `type` and `text`, got {part!r:.60}")
+            if part["type"] != "text":
+                raise RowError(f"`{what}` part {j} has type `{part['type']}`; only text parts are supported")
+            if not isinstance(part.get("text"), str):
+                raise RowError(f"`{what}` part {j} is a text part without a string `text`")
+            texts.append(part["text"])
+        text = "\n".join(texts)
+    else:
+        raise RowError(f"`{what}` must be a string or a list of text parts, got {type(content).__name__}")
+    if not text.strip():
+        raise RowError(f"`{what}` is empty")
+    return text
+
 
 def check_messages(messages, what: str = "messages", last_role: str | None = "assistant") -> list[dict]:
     if not isinstance(messages, list) or not messages:
@@ -99,9 +72,7 @@ def check_messages(messages, what: str = "messages", last_role: str | None = "as
             raise RowError(f"`{what}[{i}]` must have `role` and `content`")
         if m["role"] not in ROLES:
             raise RowError(f"`{what}[{i}].role` is `{m['role']}`; expected one of system, user, assistant")
-        if not isinstance(m["content"], str) or not m["content"].strip():
-            raise RowError(f"`{what}[{i}].content` is empty")
-        out.append({"role": m["role"], "content": m["content"]})
+        out.append({"role": m["role"], "content": message_text(m["content"], f"{what}[{i}].content")})
     turns = out[1:] if out[0]["role"] == "system" else out
     for i, m in enumerate(turns):
         expected = "user" if i % 2 == 0 else "assistant"
@@ -110,6 +81,15 @@ def check_messages(messages, what: str = "messages", last_role: str | None = "as
     if last_role and turns and turns[-1]["role"] != last_role:
         raise RowError(f"`{what}` must end with a {last_role} message")
     return out
+
+
+def as_messages(value, role: str, what: str) -> list:
+    """A string stands for one message of `role`; a list is messages (checked by check_messages)."""
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    if isinstance(value, list):
+        return value
+    raise RowError(f"`{what}` must be a string or a list of messages, got {type(value).__name__}")
 
 
 def sft_messages(row: dict) -> list[dict] | tuple[str, str]:
@@ -122,11 +102,7 @@ def sft_messages(row: dict) -> list[dict] | tuple[str, str]:
             if not prompt.strip() or not completion.strip():
                 raise RowError("`prompt` and `completion` must be non-empty")
             return prompt, completion
-        if isinstance(prompt, str):
-            prompt = [{"role": "user", "content": prompt}]
-        if isinstance(completion, str):
-            completion = [{"role": "assistant", "content": completion}]
-        return check_messages(list(prompt) + list(completion))
+        return check_messages(as_messages(prompt, "user", "prompt") + as_messages(completion, "assistant", "completion"))
     raise RowError(f"expected `messages` or `prompt` + `completion`; found keys {sorted(row)}")
 
 
@@ -245,13 +221,9 @@ def preference_row(value: dict, tokenizer, max_length: int) -> dict:
         texts = [prompt + chosen, prompt + rejected]
         out = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
     else:
-        if isinstance(prompt, str):
-            prompt = [{"role": "user", "content": prompt}]
-        chosen = [{"role": "assistant", "content": chosen}] if isinstance(chosen, str) else chosen
-        rejected = [{"role": "assistant", "content": rejected}] if isinstance(rejected, str) else rejected
-        prompt = check_messages(prompt, "prompt", last_role="user")
-        chosen = check_messages(prompt + list(chosen), "prompt+chosen")[len(prompt):]
-        rejected = check_messages(prompt + list(rejected), "prompt+rejected")[len(prompt):]
+        prompt = check_messages(as_messages(prompt, "user", "prompt"), "prompt", last_role="user")
+        chosen = check_messages(prompt + as_messages(chosen, "assistant", "chosen"), "prompt+chosen")[len(prompt):]
+        rejected = check_messages(prompt + as_messages(rejected, "assistant", "rejected"), "prompt+rejected")[len(prompt):]
         texts = [_render(tokenizer, prompt + chosen), _render(tokenizer, prompt + rejected)]
         out = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
     if out["chosen"] == out["rejected"]:

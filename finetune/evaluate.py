@@ -20,18 +20,47 @@ import torch
 from tqdm.auto import tqdm
 
 from finetune.chain import load_for_inference
-from finetune.data import RowError, check_messages, read_rows, sft_messages, tokenize_sft
+from finetune.data import RowError, as_messages, check_messages, message_text, read_rows, sft_messages, tokenize_sft
 from finetune.errors import UserError
 
 
-def _kind(row: dict) -> str:
+def _kind(row: dict, where: str) -> str:
     if "answer" in row:
         return "exact_match"
     if "chosen" in row and "rejected" in row:
         return "preference_accuracy"
     if "messages" in row or ("prompt" in row and "completion" in row):
         return "loss"
-    raise UserError(f"cannot tell what to score in a row with keys {sorted(row)}; see `finetune eval --help`")
+    raise UserError(f"{where}: cannot tell what to score in a row with keys {sorted(row)}: give `prompt` + `answer`, "
+                    "`messages` (or `prompt` + `completion`), or `prompt` + `chosen` + `rejected`")
+
+
+def _checked_row(row, kind: str) -> dict:
+    """The row with its fields checked for `kind` scoring and text-part content joined."""
+    if not isinstance(row, dict):
+        raise RowError(f"expected a JSON object, got {type(row).__name__}")
+    need = {"exact_match": ("prompt", "answer"), "loss": (), "preference_accuracy": ("prompt", "chosen", "rejected")}[kind]
+    missing = [k for k in need if k not in row]
+    if missing:
+        raise RowError(f"missing {', '.join(f'`{k}`' for k in missing)} (a file is scored by what its first row holds: {kind})")
+    if kind == "loss":
+        sft_messages(row)
+        return row
+    out = dict(row)
+    if kind == "exact_match":
+        prompt = row["prompt"]
+        out["prompt"] = message_text(prompt, "prompt") if isinstance(prompt, str) else \
+            check_messages(as_messages(prompt, "user", "prompt"), "prompt", last_role="user")
+        return out
+    prompt = row["prompt"]
+    if all(isinstance(row[k], str) for k in ("prompt", "chosen", "rejected")):
+        for k in ("prompt", "chosen", "rejected"):
+            message_text(row[k], k)
+        return out
+    out["prompt"] = check_messages(as_messages(prompt, "user", "prompt"), "prompt", last_role="user")
+    for side in ("chosen", "rejected"):
+        out[side] = check_messages(out["prompt"] + as_messages(row[side], "assistant", side), f"prompt+{side}")[len(out["prompt"]):]
+    return out
 
 
 def _prompt_text(tokenizer, prompt) -> str:
@@ -103,10 +132,18 @@ def preference_accuracy(model, tokenizer, rows: list[dict]) -> dict:
 def evaluate(model, tokenizer, files: list[str], max_new_tokens: int = 32, batch_size: int = 32) -> dict:
     results = {}
     for path in files:
-        rows = [r.value for r in read_rows(path)]
-        if not rows:
+        numbered = read_rows(path)
+        if not numbered:
             raise UserError(f"{path}: no rows to evaluate")
-        kind = _kind(rows[0])
+        if not isinstance(numbered[0].value, dict):
+            raise UserError(f"{path}:{numbered[0].number}: expected a JSON object, got {type(numbered[0].value).__name__}")
+        kind = _kind(numbered[0].value, f"{path}:{numbered[0].number}")
+        rows = []
+        for row in numbered:  # every row checked before the model runs, each error with its file:row
+            try:
+                rows.append(_checked_row(row.value, kind))
+            except RowError as exc:
+                raise UserError(f"{path}:{row.number}: {exc}") from None
         try:
             if kind == "exact_match":
                 results[path] = exact_match(model, tokenizer, rows, max_new_tokens, batch_size)
@@ -135,7 +172,10 @@ def evaluate_cli(args) -> int:
     model, tokenizer = load_for_inference(args.model)
     results = evaluate(model, tokenizer, args.data, args.max_new_tokens, args.batch_size)
     print(format_table(args.model, results))
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps({"model": args.model, "results": results}, indent=2))
+    if args.output:  # cli.check_output_path has refused paths we could not or should not write
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")  # write beside and rename: never a half-written file
+        tmp.write_text(json.dumps({"model": args.model, "results": results}, indent=2))
+        tmp.replace(out)
     return 0

@@ -29,10 +29,13 @@ import torch
 from peft.tuners.lora.layer import ParamWrapper
 from transformers.utils.import_utils import is_torch_greater_or_equal
 
-# Where torch._grouped_mm is used, by device type and dtype; elsewhere, and whenever a width is
-# not a multiple of 16 bytes (the kernel's stride rule; r=2 in fp32 breaks it), a Python loop of
-# torch.mm over the non-empty groups runs instead. On CUDA (SM80+) grouped_mm is one kernel and
-# needs no host sync. On CPU (torch 2.13) it is a loop in C++: per GEMM it timed level with the
+# Where torch._grouped_mm is used, by device type and dtype; elsewhere, whenever a width is not a
+# multiple of 16 bytes (the kernel's stride rule; r=2 in fp32 breaks it), and whenever a tensor's
+# data does not start on a 16-byte boundary, a Python loop of torch.mm over the non-empty groups
+# runs instead (see _grouped_mm_ok). On CUDA, only compute capability 9.x/10.x has torch's CUTLASS
+# grouped kernel, which is one launch and needs no host sync; on SM80/86/89 torch falls back to a
+# kernel that copies the offsets to the host on every call (about 8 syncs per layer per step),
+# worse than our loop's one sync per layer. On CPU (torch 2.13) it is a loop in C++: per GEMM it timed level with the
 # Python loop at S=1024 and up to ~40% quicker for thin rank-sized GEMMs, and 2-9% quicker over
 # whole training steps (hidden 128-256, 1 thread, interleaved runs), so CPU uses it too.
 GROUPED_MM = {"cuda": (torch.bfloat16,), "cpu": (torch.float32, torch.bfloat16)}
@@ -101,6 +104,10 @@ class _LoraGroupedLinear(torch.autograd.Function):
             dx = _gmm(dy, w, groups)
             if g is not None:
                 dx += _gmm(g, a, groups)
+        # g.t() and dy.t() stay transposed views (column-major): the K-grouped kernel then groups
+        # along their contiguous dimension. A row-major copy would put the group boundaries inside
+        # the stride, which torch._grouped_mm accepts only when every group size is a multiple of
+        # 16 bytes (8 bf16 elements): never reliable for routed token counts.
         if a is not None and ctx.needs_input_grad[2]:
             da = _gmm_k(g.t(), x, groups)
         if a is not None and ctx.needs_input_grad[3]:
@@ -111,14 +118,29 @@ class _LoraGroupedLinear(torch.autograd.Function):
 # ---- one MoE layer --------------------------------------------------------------------------
 
 
-def _grouped_mm_ok(w, dims) -> bool:
+def cuda_grouped_kernel(device) -> bool:
+    """Whether torch's fast (CUTLASS) grouped GEMM runs on this CUDA device: compute capability
+    9.x or 10.x (Hopper, Blackwell); torch < 2.9 has it for 9.x only."""
+    major, _ = torch.cuda.get_device_capability(device)
+    return major == 9 or (major == 10 and is_torch_greater_or_equal("2.9", accept_dev=True))
+
+
+def _grouped_mm_ok(tensors, dims) -> bool:
+    """torch._grouped_mm for these tensors (weights and LoRA factors of one layer) and GEMM widths?
+
+    dims must hold every width the kernels see: gate_up in and out, down in and out (w2.shape[2],
+    the intermediate size) and the ranks. The kernel needs 16-byte strides and 16-byte-aligned
+    data pointers; a parameter that is a view into a flat buffer (FSDP, some loaders) can start
+    anywhere. Activations are fresh allocations, aligned by the allocator.
+    """
+    w = tensors[0]
     if w.dtype not in GROUPED_MM.get(w.device.type, ()) or not hasattr(torch, "_grouped_mm"):
         return False
-    if w.device.type == "cuda":  # torch < 2.9 has the kernel for Hopper only
-        cap = torch.cuda.get_device_capability(w.device)
-        if cap < (8, 0) or (not is_torch_greater_or_equal("2.9", accept_dev=True) and cap[0] != 9):
-            return False
-    return all(d * w.element_size() % 16 == 0 for d in dims)  # the kernel wants 16-byte strides
+    if w.device.type == "cuda" and not cuda_grouped_kernel(w.device):
+        return False
+    if any(d * w.element_size() % 16 for d in dims):
+        return False
+    return all(t.data_ptr() % 16 == 0 for t in tensors)
 
 
 def _grouped_linear(experts, name, w, x, lora, groups, nf4: bool):
@@ -145,9 +167,10 @@ def experts_forward(experts, hidden_states, top_k_index, top_k_weights, loras):
     expert_ids, perm = torch.sort(top_k_index.reshape(-1), stable=True)
     counts = torch.bincount(expert_ids, minlength=experts.num_experts)
     offs = torch.cumsum(counts, 0, dtype=torch.int32)
-    dims = [w1.shape[1], w1.shape[2], w2.shape[1]] + [lo[0].shape[1] for lo in (lora1, lora2) if lo]
+    loras_used = [lo for lo in (lora1, lora2) if lo]
+    dims = [w1.shape[1], w1.shape[2], w2.shape[1], w2.shape[2]] + [lo[0].shape[1] for lo in loras_used]
     nf4 = getattr(experts, "nf4", None) is not None  # 4-bit experts (finetune/qlora.py): a per-expert loop
-    if not nf4 and _grouped_mm_ok(w1, dims):
+    if not nf4 and _grouped_mm_ok([w1, w2] + [t for lo in loras_used for t in lo[:2]], dims):
         bounds = None  # no host sync: the kernel reads the offsets on the device
     else:
         ends = offs.tolist()  # one host sync per layer, shared by forward and backward
@@ -197,6 +220,12 @@ def _factors(w: ParamWrapper, adapters: list[str]):
     return torch.cat([a for a, _, _ in parts], 1), torch.cat([b * s for _, b, s in parts], 2), 1.0
 
 
+def _ndim(param) -> int:
+    """Dimensions of a parameter, also when DeepSpeed ZeRO-3 holds it partitioned (its data is
+    then a (0,) placeholder between forwards; `ds_shape` is the real shape)."""
+    return len(getattr(param, "ds_shape", param.shape))
+
+
 def _static_problem(wrapper) -> str | None:
     """Why this wrapped module can never take the fast path (None if it can)."""
     chain, experts = _chain(wrapper)
@@ -205,7 +234,7 @@ def _static_problem(wrapper) -> str | None:
     if experts.has_bias or experts.is_transposed:
         return f"{type(experts).__name__} has expert biases or transposed weights (not implemented)"
     names = {"gate_up_proj" if experts.has_gate else "up_proj", "down_proj"}
-    if any(w.parameter_name not in names or w.get_param().ndim != 3 for w in chain):
+    if any(w.parameter_name not in names or _ndim(w.get_param()) != 3 for w in chain):
         return f"LoRA on {type(experts).__name__} targets parameters other than {sorted(names)}"
     return None
 
@@ -265,7 +294,7 @@ def _expert_wrappers(model) -> list:
     """Outermost ParamWrappers whose innermost module holds fused 3-D expert weights."""
     wrappers = [m for m in model.modules() if isinstance(m, ParamWrapper)]
     inner = {id(w.base_layer) for w in wrappers}
-    return [w for w in wrappers if id(w) not in inner and _chain(w)[0][-1].get_param().ndim == 3]
+    return [w for w in wrappers if id(w) not in inner and _ndim(_chain(w)[0][-1].get_param()) == 3]
 
 
 def _is_fast(wrapper) -> bool:

@@ -57,11 +57,16 @@ def probe_batch(tokenizer, length: int = 32) -> torch.Tensor:
     return ids
 
 
-def _check_destination(output: Path, overwrite: bool) -> None:
-    if output.exists() and not (output / MANIFEST).is_file() and not overwrite:
-        raise UserError(
-            f"--output {output} exists and is not a previous export; choose another directory or pass --overwrite"
-        )
+def _check_destination(output: str | Path, overwrite: bool, run: runs.Run) -> Path:
+    """The resolved --output, or a UserError: never the run, its chain, the base model, nor inside them
+    (finetune/outputs.py); --overwrite replaces only a previous export."""
+    from finetune.outputs import check_destination
+
+    protected = {"the run being exported": run.path}
+    protected.update({f"the run {link['run']} of its chain": link["run"] for link in run.chain[1:]})
+    if Path(run.chain[0]["model"]).exists():
+        protected["the base model"] = run.chain[0]["model"]
+    return check_destination(output, "export", overwrite, protected, what="--output")
 
 
 def _swap_into_place(tmp: Path, output: Path) -> None:
@@ -77,9 +82,7 @@ def _swap_into_place(tmp: Path, output: Path) -> None:
 
 def export(run_dir: str, output: str, dtype: str = "bfloat16", max_shard_size: str = "5GB", overwrite: bool = False) -> Path:
     run = runs.read_run(run_dir)
-    output = Path(output).resolve()
-    _check_destination(output, overwrite)
-    output.parent.mkdir(parents=True, exist_ok=True)
+    output = _check_destination(output, overwrite, run)
     tokenizer = modeling.load_tokenizer(ModelSection(name_or_path=str(run.path)))
     probe = probe_batch(tokenizer)
 
@@ -90,6 +93,7 @@ def export(run_dir: str, output: str, dtype: str = "bfloat16", max_shard_size: s
     merged = unmerged.merge_and_unload() if hasattr(unmerged, "merge_and_unload") else unmerged
     merged = merged.to(modeling.DTYPES[dtype])
 
+    output.parent.mkdir(parents=True, exist_ok=True)  # only now: every check on the inputs has passed
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:
         merged.save_pretrained(tmp, max_shard_size=max_shard_size)

@@ -11,6 +11,8 @@ import logging
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from finetune.errors import UserError
@@ -45,6 +47,34 @@ def load_config(section: ModelSection):
     The bundled copy comes before the network so that `finetune validate` is instant and works
     offline; configs of released models do not change.
     """
+    config = _load_config(section)
+    check_config(config, section.name_or_path)
+    return config
+
+
+# Sizes the model is built from: each must be a whole number >= 1 (transformers checks the type of
+# some, not the range, and a 0 or a string surfaces as a traceback from deep inside the model code).
+SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+         "num_key_value_heads", "num_local_experts", "num_experts_per_tok", "num_experts")
+
+
+def check_config(config, name: str) -> None:
+    cfg = text_config(config)
+    where = f"{name}/config.json" if is_local(name) else f"the config of `{name}`"
+    problems = []
+    for key in SIZES:
+        value = getattr(cfg, key, None)
+        values = value if isinstance(value, (list, tuple)) and value else [value]  # some models size each layer
+        if value is not None and not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
+            problems.append(f"`{key}` is {value!r}; expected a whole number >= 1")
+    experts, top_k = getattr(cfg, "num_local_experts", None), getattr(cfg, "num_experts_per_tok", None)
+    if not problems and isinstance(experts, int) and isinstance(top_k, int) and top_k > experts:
+        problems.append(f"`num_experts_per_tok` ({top_k}) is larger than `num_local_experts` ({experts})")
+    if problems:
+        raise UserError(f"model.name_or_path: {where}: " + "; ".join(problems) + "; fix the model's config.json")
+
+
+def _load_config(section: ModelSection):
     name = section.name_or_path
     kwargs = {"trust_remote_code": section.trust_remote_code}
     if not is_local(name):
@@ -57,6 +87,9 @@ def load_config(section: ModelSection):
                 return AutoConfig.for_model(raw.pop("model_type"), **raw)
     try:
         return AutoConfig.from_pretrained(name, **kwargs)
+    except StrictDataclassError as exc:  # a field of the wrong type, e.g. num_experts_per_tok: "two"
+        where = f"{name}/config.json" if is_local(name) else f"the config of `{name}`"
+        raise UserError(f"model.name_or_path: {where}: {exc}; fix the model's config.json") from None
     except (OSError, ValueError) as exc:
         hint = (
             "the directory has no usable config.json"
@@ -78,8 +111,21 @@ def is_moe(config) -> bool:
 
 def meta_model(config, trust_remote_code: bool = False):
     """The model's module tree on the meta device: names and shapes, no storage."""
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except ValueError as exc:  # e.g. an architecture transformers has no causal-LM class for
+        raise UserError(f"model.name_or_path: cannot build a causal LM from this config: {exc}") from None
+
+
+def _not_found(name: str) -> str:
+    """A plain reason for a name that is neither a local directory nor a hub id ('' otherwise):
+    transformers would say "Repo id must be in the form 'repo_name'" for a mistyped local path."""
+    if is_local(name):
+        return ""
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
+        return f"no such local directory (relative paths are read from {Path.cwd()})"
+    return ""
 
 
 def load_model(section: ModelSection, device_map=None):
@@ -97,9 +143,33 @@ def load_model(section: ModelSection, device_map=None):
             trust_remote_code=section.trust_remote_code,
             device_map=device_map,
         )
+    except SafetensorError as exc:
+        broken = broken_safetensors(section.name_or_path)
+        what = f"{broken} is truncated or corrupt" if broken else "a weights file is corrupt"
+        raise UserError(f"model.name_or_path: cannot load weights from `{section.name_or_path}`: {what} ({exc}); "
+                        "download or save the model again") from None
     except (OSError, ValueError) as exc:
-        raise UserError(f"model.name_or_path: cannot load weights from `{section.name_or_path}`: {exc}") from None
+        raise UserError(f"model.name_or_path: cannot load weights from `{section.name_or_path}`: "
+                        f"{_not_found(section.name_or_path) or exc}") from None
     return model
+
+
+def broken_safetensors(directory: str) -> Path | None:
+    """The first .safetensors file under a local model directory whose size disagrees with its header."""
+    root = Path(directory)
+    if not root.is_dir():
+        return None
+    for path in sorted(root.glob("*.safetensors")):
+        try:
+            with path.open("rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            if path.stat().st_size != 8 + n + end:
+                return path
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            return path
+    return None
 
 
 def load_tokenizer(section: ModelSection):
@@ -107,11 +177,15 @@ def load_tokenizer(section: ModelSection):
     try:
         tokenizer = AutoTokenizer.from_pretrained(section.name_or_path, trust_remote_code=section.trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise UserError(f"model.name_or_path: cannot load a tokenizer from `{section.name_or_path}`: {exc}") from None
+        raise UserError(f"model.name_or_path: cannot load a tokenizer from `{section.name_or_path}`: "
+                        f"{_not_found(section.name_or_path) or exc}") from None
     template = section.chat_template
     if template:
         path = Path(template)
-        tokenizer.chat_template = path.read_text() if path.suffix == ".jinja" and path.is_file() else template
+        try:
+            tokenizer.chat_template = path.read_text(encoding="utf-8") if path.suffix == ".jinja" and path.is_file() else template
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"model.chat_template: cannot read {path} as UTF-8 text ({exc})") from None
     if tokenizer.chat_template is None:
         raise UserError(
             f"model.chat_template: the tokenizer of `{section.name_or_path}` has no chat template; "

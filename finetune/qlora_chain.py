@@ -103,7 +103,10 @@ def stacked_reference_trainer_class():
 
 
 def load_base_for_dpo(parent):
+    from finetune import runs
+
     check_parent_chain(parent)
+    runs.verify_adapters(parent)  # the SFT adapter is the file its chain recorded (sha256)
     return qlora.load_quantized(ModelSection(**parent.recipe.model.__dict__))
 
 

@@ -11,6 +11,7 @@ the disk (files exist, LoRA targets match) live in finetune/validate.py.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -152,11 +153,16 @@ def _check_value(value, tp, where: str, problems: list[Problem]):
         return float(value)
     if tp is float and isinstance(value, str):
         try:  # YAML 1.1 reads 1e-4 as a string; accept it as the number everyone means
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        # a NaN alpha once "trained" a run with loss 0.0 and NaN aux loss, and marked it finished
+        problems.append(Problem(where, f"must be a finite number, got {value}"))
+        return value
     if tp in (int, float, str, bool) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
-        problems.append(Problem(where, f"expected {_type_name(tp)}, got {value!r}"))
+        hint = BOOL_HINT if tp is bool and isinstance(value, str) and value.lower() in YAML11_BOOLS else ""
+        problems.append(Problem(where, f"expected {_type_name(tp)}, got {value!r}{hint}"))
         return value
     return value
 
@@ -181,8 +187,24 @@ def _build(cls, raw: dict, prefix: str, problems: list[Problem]):
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML with 1.2-style floats: PyYAML (YAML 1.1) reads `1e-4` as a string, which nobody means."""
+    """YAML with 1.2-style floats and booleans (PyYAML implements YAML 1.1).
 
+    Floats: YAML 1.1 reads `1e-4` as a string, which nobody means.
+    Booleans: YAML 1.1 also reads yes/no/on/off (any case) as booleans, so `eval_strategy: no`
+    (a real TRL value) arrived as False and failed. We read only true/false as booleans, as
+    YAML 1.2, JSON and most other tools do: a string field gets exactly what was written, and a
+    boolean field given `yes` is an error that says to write true/false. Guessing a boolean
+    where the field wants a string (or the reverse) would be silently wrong somewhere.
+    """
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
@@ -190,6 +212,11 @@ _Loader.add_implicit_resolver(
                r"""|[0-9][0-9_]*[eE][-+]?[0-9]+|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"""),
     list("-+0123456789."),
 )
+
+
+# Words YAML 1.1 reads as booleans; our loader keeps them strings (see _Loader).
+YAML11_BOOLS = {"yes", "no", "on", "off", "y", "n"}
+BOOL_HINT = " (write true or false; yes/no/on/off are read as strings)"
 
 
 def load_yaml(text: str):
@@ -223,10 +250,13 @@ def _check_choices(recipe: Recipe, problems: list[Problem]) -> None:
         problems.append(Problem("data.max_length", "must be at least 8 tokens"))
     if bad(recipe.lora.dropout, lambda v: 0.0 <= v < 1.0):
         problems.append(Problem("lora.dropout", "must be in [0, 1)"))
-    for name in ("attention", "experts", "mlp"):
-        group = getattr(recipe.lora, name)
+    groups = {f"lora.{name}": getattr(recipe.lora, name) for name in ("attention", "experts", "mlp")}
+    groups["router.lora"] = recipe.router.lora
+    for where, group in groups.items():
         if isinstance(group, LoraGroup) and bad(group.r, lambda v: v >= 1):
-            problems.append(Problem(f"lora.{name}.r", "rank must be at least 1"))
+            problems.append(Problem(f"{where}.r", f"rank must be at least 1, got {group.r}"))
+    if bad(recipe.seed, lambda v: 0 <= v < 2**32):  # numpy's seed range; set_seed fails outside it
+        problems.append(Problem("seed", f"must be in [0, 2**32), got {recipe.seed}"))
     if bad(recipe.router.aux_loss_coef, lambda v: v >= 0):
         problems.append(Problem("router.aux_loss_coef", "must be >= 0"))
 
@@ -236,13 +266,17 @@ def apply_overrides(raw: dict, overrides: list[str]) -> list[Problem]:
     problems = []
     for item in overrides:
         key, sep, text = item.partition("=")
-        if not sep or not key:
+        if not sep or not key or "" in key.split("."):
             problems.append(Problem(f"--set {item}", "expected key.path=value, e.g. --set sft.learning_rate=1e-4"))
             continue
         try:
             value = load_yaml(text)
-        except yaml.YAMLError:
-            value = text
+        except yaml.YAMLError as exc:
+            # Taking broken YAML as a plain string once made `data.train=[x.jsonl, ` a file name.
+            reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            problems.append(Problem(f"--set {item}", f"the value is not valid YAML ({reason}); "
+                                    f"quote a string value: --set '{key}=\"...\"'"))
+            continue
         node = raw
         parts = key.split(".")
         for part in parts[:-1]:
@@ -264,16 +298,33 @@ def read_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     if not path.is_file():
         raise UserError(f"recipe file not found: {path} (relative paths are read from {Path.cwd()})")
     try:
-        raw = load_yaml(path.read_text()) or {}
+        raw = load_yaml(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte offset {exc.start}); save the recipe as UTF-8") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the recipe ({exc.strerror or exc})") from None
     except yaml.YAMLError as exc:
         raise UserError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a recipe is a mapping of sections (model, data, lora, ...), got {type(raw).__name__}")
     problems = apply_overrides(raw, list(overrides))
+    problems += [p for section in ("sft", "dpo") for p in non_finite(raw.get(section), section)]
     recipe = recipe_from_dict(raw, problems)
     recipe.source = str(path)
     recipe.problems = problems
     return recipe
+
+
+def non_finite(node, where: str = "") -> list[Problem]:
+    """NaN and infinities anywhere under `node` (the sft:/dpo: pass-through sections, which no
+    dataclass of ours describes; typed fields are checked in _check_value, "NaN" strings too)."""
+    if isinstance(node, float) and not math.isfinite(node):
+        return [Problem(where, f"must be a finite number, got {node}")]
+    if isinstance(node, dict):
+        return [p for k, v in node.items() for p in non_finite(v, f"{where}.{k}" if where else str(k))]
+    if isinstance(node, list):
+        return [p for i, v in enumerate(node) for p in non_finite(v, f"{where}[{i}]")]
+    return []
 
 
 def recipe_from_dict(raw: dict, problems: list[Problem]) -> Recipe:

@@ -79,22 +79,73 @@ def build_tokenizer():
     )
 
 
-def save_tiny_model(path: Path, kind: str, tokenizer) -> Path:
+def build_model(kind: str = "mixtral", *, seed: int = 0, experts_implementation: str | None = None, **config):
+    """The one builder of tiny random models for every test: a MixtralForCausalLM (or a dense
+    MistralForCausalLM) from these defaults updated by `config`, seeded so weights repeat."""
     from transformers import MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM
 
-    torch.manual_seed(0)
-    common = dict(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
+    torch.manual_seed(seed)
+    settings = dict(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=256, tie_word_embeddings=False,
     )
     if kind == "mixtral":
-        model = MixtralForCausalLM(MixtralConfig(num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.02, **common))
-    else:
-        model = MistralForCausalLM(MistralConfig(**common))
+        settings.update(num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.02)
+    settings.update(config)
+    model = MixtralForCausalLM(MixtralConfig(**settings)) if kind == "mixtral" else MistralForCausalLM(MistralConfig(**settings))
+    if experts_implementation:
+        model.set_experts_implementation(experts_implementation)
+    return model
+
+
+def save_tiny_model(path: Path, kind: str, tokenizer) -> Path:
+    model = build_model(kind, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+# ---- in memory: the routing tests' model, word-level tokenizer and texts ----------------------
+
+ROUTING_WORDS = (
+    "the a an of to in is was it that for on with as at by from this be are or not but have "
+    "one two three four five six seven eight nine ten code python function return value list "
+    "math add sum number prime even odd story cat dog ran sat mat red blue green house tree "
+    "question answer user assistant system hello world yes no please thanks data model expert"
+).split()
+WORD_CHAT_TEMPLATE = (
+    "{% for m in messages %}<s> {{ m['role'] }} : {{ m['content'] }} </s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s> assistant :{% endif %}"
+)
+
+
+def moe_model(vocab_size: int, *, hidden: int = 32, layers: int = 3, experts: int = 8, top_k: int = 2, seed: int = 0):
+    """A random Mixtral with 8 experts for the routing tests, built in memory (no files)."""
+    return build_model(
+        "mixtral", seed=seed, vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=layers, num_local_experts=experts, num_experts_per_tok=top_k, max_position_embeddings=512,
+        router_aux_loss_coef=0.001, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+        # the default "grouped_mm" experts path is ~100x slower than the per-expert loop on CPU at this size
+        experts_implementation="eager",
+    )
+
+
+def word_tokenizer():
+    """A word-level tokenizer over ROUTING_WORDS with a plain chat template, built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(["<pad>", "<unk>", "<s>", "</s>"] + ROUTING_WORDS + [":", ".", ",", "?", "!"])}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    tok.chat_template = WORD_CHAT_TEMPLATE
+    return tok
+
+
+def random_texts(n: int, words: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(ROUTING_WORDS) for _ in range(rng.randint(words // 2, words))) for _ in range(n)]
 
 
 @pytest.fixture(scope="session")

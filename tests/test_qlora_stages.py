@@ -13,12 +13,11 @@ import pytest
 import torch
 from conftest import recipe_file, sft_recipe
 from peft import PeftModel
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, TrainerCallback
 
 from finetune import chain, runs
 from finetune.recipe import read_recipe
-from finetune.stages import common
-from finetune.stages.dpo import build_trainer
+from finetune.stages.dpo import run_dpo
 from finetune.stages.sft import run_sft
 from finetune.validate import check
 
@@ -63,6 +62,23 @@ def test_sft_run_trains_adapters_only_and_loads_with_plain_peft(sft_run, tiny_mi
     assert packed_bytes(base4).keys() == packed_bytes(quant).keys()
 
 
+class Snapshot(TrainerCallback):
+    """The 4-bit bytes, the SFT ("ref") adapter and every other frozen tensor, before and after training."""
+
+    @staticmethod
+    def take(model):
+        frozen = {n: p.detach().clone() for n, p in model.named_parameters()  # router, norms, embeddings, SFT LoRA
+                  if not p.requires_grad and p.stride() != (0,) * p.ndim and type(p).__name__ != "Params4bit"}
+        return packed_bytes(model), frozen
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.before, self.model = self.take(model), model
+        self.ref_frozen = [not p.requires_grad for n, p in model.named_parameters() if ".ref." in n]
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.after, self.active = self.take(model), set(model.active_adapters)
+
+
 def test_dpo_on_4bit_reference_is_sft_and_base_never_changes(tmp_path, sft_run, pref_file):
     path = recipe_file(
         tmp_path, "dpo.yaml", output_dir=str(tmp_path / "dpo-run"), from_run=str(sft_run),
@@ -70,29 +86,24 @@ def test_dpo_on_4bit_reference_is_sft_and_base_never_changes(tmp_path, sft_run, 
         lora={"attention": {"r": 4, "alpha": 8}, "experts": {"r": 4, "alpha": 8}}, router={"policy": "lora"},
         dpo={"max_steps": 3, "per_device_train_batch_size": 4, "logging_steps": 1, "learning_rate": 1e-2},
     )
-    checked = check(read_recipe(path), "dpo")
-    assert checked.recipe.model.quantization == "nf4"  # inherited from the SFT run
-    recipe = common.absolute(checked.recipe)
-    trainer, *_ = build_trainer(recipe, checked, 0.02, runs.read_run(sft_run))
-    model = trainer.model
-    before = packed_bytes(model)
-    sft_lora = {n: p.detach().clone() for n, p in model.named_parameters() if ".ref." in n}
-    frozen = {n: p.detach().clone() for n, p in model.named_parameters()  # router, norms, embeddings, SFT LoRA
-              if not p.requires_grad and p.stride() != (0,) * p.ndim and type(p).__name__ != "Params4bit"}
-    assert any("mlp.gate" in n and "lora" not in n for n in frozen)
-    assert sft_lora and all(not model.get_parameter(n).requires_grad for n in sft_lora)
-    trainer.train()
-    logs = [e for e in trainer.state.log_history if "rewards/chosen" in e]
+    assert check(read_recipe(path), "dpo").recipe.model.quantization == "nf4"  # inherited from the SFT run
+    snap = Snapshot()
+    out = run_dpo(read_recipe(path), callbacks=[snap])
+    run = runs.read_run(out)
+    logs = [e for e in run.metrics["log_history"] if "rewards/chosen" in e]
     assert logs[0]["rewards/chosen"] == 0.0 and logs[0]["rewards/rejected"] == 0.0  # policy == reference
     assert any(e["rewards/margins"] != 0.0 for e in logs[1:])  # and then they part
-    after = packed_bytes(model)
-    assert before.keys() == after.keys() and len(before) > 0
-    assert all(torch.equal(before[k], after[k]) for k in before)
-    assert all(torch.equal(sft_lora[n], model.get_parameter(n)) for n in sft_lora)
-    assert all(torch.equal(frozen[n], model.get_parameter(n)) for n in frozen)
-    assert set(model.active_adapters) == {"ref", "default"}
-    common.save_adapter(model, tmp_path / "saved")
-    assert (tmp_path / "saved" / "adapter_model.safetensors").is_file() and not (tmp_path / "saved" / "ref").exists()
+    (packed0, frozen0), (packed1, frozen1) = snap.before, snap.after
+    assert packed0.keys() == packed1.keys() and len(packed0) > 0
+    assert all(torch.equal(packed0[k], packed1[k]) for k in packed0)
+    assert any(".ref." in n for n in frozen0) and snap.ref_frozen and all(snap.ref_frozen)
+    assert any("mlp.gate" in n and "lora" not in n for n in frozen0)
+    assert frozen0.keys() == frozen1.keys() and all(torch.equal(frozen0[n], frozen1[n]) for n in frozen0)
+    assert snap.active == {"ref", "default"}
+    # the run holds the DPO adapter only, in standard files; the chain is base -> sft -> dpo
+    assert (out / "adapter_model.safetensors").is_file() and not (out / "ref").exists()
+    assert [link["kind"] for link in run.chain] == ["base", "sft", "dpo"]
+    assert "ref" in run.metrics["reference"]
 
 
 def test_export_of_4bit_run_merges_into_16bit_base(tmp_path, sft_run, tiny_mixtral):

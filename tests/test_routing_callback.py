@@ -8,14 +8,14 @@ from datasets import Dataset
 from peft import LoraConfig
 
 from finetune.routing.callback import RoutingMetricsCallback, add_routing_metrics
-from finetune.routing.tiny import random_texts, tiny_mixtral, tiny_tokenizer
+from conftest import moe_model, random_texts, word_tokenizer
 
 
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return tiny_tokenizer()
+    return word_tokenizer()
 
 
 def routing_logs(trainer) -> list[dict]:
@@ -47,7 +47,7 @@ def test_sft_trainer_logs_routing_metrics(tokenizer):
         disable_tqdm=True, learning_rate=1e-2,
     )
     dataset = Dataset.from_dict({"text": random_texts(16, 40)})
-    model = tiny_mixtral(len(tokenizer), layers=2)
+    model = moe_model(len(tokenizer), layers=2)
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
     callback = add_routing_metrics(trainer)
     trainer.train()
@@ -81,7 +81,7 @@ def test_dpo_trainer_with_lora_logs_routing_metrics(tokenizer):
     )
     prompts, chosen, rejected = random_texts(4, 8, 1), random_texts(4, 12, 2), random_texts(4, 12, 3)
     dataset = Dataset.from_dict({"prompt": prompts, "chosen": chosen, "rejected": rejected})
-    model = tiny_mixtral(len(tokenizer), layers=2)
+    model = moe_model(len(tokenizer), layers=2)
     peft_config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
     trainer = DPOTrainer(
         model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config

@@ -5,7 +5,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from finetune.routing.capture import RoutingCapture, find_routers
-from finetune.routing.tiny import tiny_mixtral
+from conftest import moe_model
 
 VOCAB = 50
 
@@ -28,7 +28,7 @@ def route(model, ids, mask):
 
 
 def test_finds_one_router_per_layer_and_records_shapes(batch):
-    model = tiny_mixtral(VOCAB, layers=3).eval()
+    model = moe_model(VOCAB, layers=3).eval()
     routers = find_routers(model)
     assert [r.layer for r in routers] == [0, 1, 2]
     assert routers[0].name == "model.layers.0.mlp.gate"
@@ -49,7 +49,7 @@ def test_finds_one_router_per_layer_and_records_shapes(batch):
     ids=["modules_to_save", "target_parameters"],
 )
 def test_peft_wrapped_routers_are_hooked_once_and_follow_disable_adapter(batch, lora):
-    base = tiny_mixtral(VOCAB, layers=2).eval()
+    base = moe_model(VOCAB, layers=2).eval()
     plain = route(base, *batch)
     model = get_peft_model(base, lora).eval()
     routers = find_routers(model)
@@ -67,7 +67,7 @@ def test_peft_wrapped_routers_are_hooked_once_and_follow_disable_adapter(batch, 
 
 
 def test_padding_does_not_change_what_is_recorded_for_real_tokens(batch):
-    model = tiny_mixtral(VOCAB, layers=2).eval()
+    model = moe_model(VOCAB, layers=2).eval()
     ids, mask = batch
     padded = route(model, ids, mask)
     alone = route(model, ids[1:, :4], mask[1:, :4])
@@ -75,7 +75,7 @@ def test_padding_does_not_change_what_is_recorded_for_real_tokens(batch):
 
 
 def test_counts_mode_counts_training_forwards_only(batch):
-    model = tiny_mixtral(VOCAB, layers=2)
+    model = moe_model(VOCAB, layers=2)
     ids, mask = batch
     with RoutingCapture(model, mode="counts", train_only=True) as cap:
         model.train()
@@ -95,7 +95,7 @@ def test_counts_mode_counts_training_forwards_only(batch):
 
 
 def test_gradient_checkpointing_recompute_is_not_counted_twice(batch):
-    model = tiny_mixtral(VOCAB, layers=2)
+    model = moe_model(VOCAB, layers=2)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     ids, mask = batch

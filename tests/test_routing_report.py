@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from finetune.errors import UserError
-from finetune.routing.tiny import random_texts, tiny_mixtral, tiny_tokenizer
+from conftest import moe_model, random_texts, word_tokenizer
 from finetune.routing.report import load_sources, routing_report
 
 
@@ -15,12 +15,12 @@ from finetune.routing.report import load_sources, routing_report
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return tiny_tokenizer()
+    return word_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    return tiny_mixtral(len(tokenizer), layers=3).eval()
+    return moe_model(len(tokenizer), layers=3).eval()
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def sources():
 
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory, model, tokenizer, sources):
-    other = tiny_mixtral(len(tokenizer), layers=3, seed=1).eval()
+    other = moe_model(len(tokenizer), layers=3, seed=1).eval()
     out = tmp_path_factory.mktemp("compare")
     return out, routing_report(
         model, tokenizer, sources, out, compare=(other, tokenizer), max_length=24, batch_size=4, progress=False

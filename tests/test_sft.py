@@ -125,7 +125,7 @@ def test_output_dir_is_not_overwritten_by_accident(tmp_path, tiny_mixtral, sft_f
     from finetune.errors import UserError
 
     train(tmp_path, tiny_mixtral, sft_file)
-    with pytest.raises(UserError, match="already holds files.*--overwrite"):
+    with pytest.raises(UserError, match="already holds a finished run.*--overwrite"):
         train(tmp_path, tiny_mixtral, sft_file)
 
 

@@ -6,9 +6,8 @@ that changes in training. Metrics follow the Mixtral paper's routing analysis (s
     callback.py  RoutingMetricsCallback: per-layer metrics in SFT/DPO training logs
     report.py    routing_report(): JSON, Markdown and plots per data source (`finetune routing`)
     sources.py   load_sources(): data files -> {source: texts}
-    overhead.py  `python -m finetune.routing.overhead`: the callback's cost per step on CPU
-    tiny.py      tiny offline Mixtral + tokenizer for the tests and the benchmark
     markdown.py, plots.py   routing.md and the PNGs of the report
 
+The callback's cost per step is measured by `python bench/routing_overhead.py`.
 Imports stay in the submodules so `import finetune.routing` pulls in neither TRL nor matplotlib.
 """

@@ -16,7 +16,7 @@ of the training forwards since the previous log:
 
 plus summaries over layers: routing/imbalance_max, routing/entropy_mean, routing/dead_experts,
 routing/topk_overlap_min, routing/kl_max, and routing/tokens (real tokens counted in the window).
-Definitions: metrics.py. `python -m finetune.routing.overhead` measures the cost;
+Definitions: metrics.py. `python bench/routing_overhead.py` measures the cost;
 tests/test_routing_callback.py runs it in SFTTrainer and DPOTrainer.
 
 Cost. Counting happens in hooks on the routers and the model (capture.py): once per training
@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
@@ -95,16 +96,22 @@ class RoutingMetricsCallback(TrainerCallback):
     """
 
     def __init__(
-        self, *, per_expert: bool = True, drift: bool = True, probe_tokens: int = 256, prefix: str = "routing"
+        self, *, per_expert: bool = True, drift: bool = True, probe_tokens: int = 256, prefix: str = "routing",
+        baseline_dir=None,
     ):
         self.per_expert, self.drift, self.probe_tokens, self.prefix = per_expert, drift, probe_tokens, prefix
+        # Where the starting model's probe routing is kept (one file per rank), so that a resumed run
+        # measures drift against the true start, not against the checkpoint it resumed from.
+        self.baseline_dir = baseline_dir
         self.capture: RoutingCapture | None = None
         self._probe: dict | None = None
         self._start = None  # Routing of the starting model on the probe
+        self._model = None  # the trainer's model: the probe runs through it
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.capture is not None:  # train() called again on the same trainer
             self.capture.close()
+        self._model = model
         try:
             self.capture = RoutingCapture(model, mode="counts", train_only=True)
         except ValueError as err:
@@ -114,6 +121,13 @@ class RoutingMetricsCallback(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         # Before the first update the weights are the starting model's: route the probe now.
         if self.capture is None or not self.drift or self._start is not None:
+            return
+        baseline = Path(self.baseline_dir) / f"routing_baseline_{args.process_index}.pt" if self.baseline_dir else None
+        if baseline is not None and baseline.is_file():
+            # "cpu:0" (DDP on CPU) is not a location torch.load knows; plain "cpu" is.
+            device = "cpu" if args.device.type == "cpu" else args.device
+            saved = torch.load(baseline, weights_only=False, map_location=device)
+            self._probe, self._start = saved["probe"], saved["start"]
             return
         inputs = self.capture.last_inputs
         if not inputs or "input_ids" not in inputs:
@@ -125,6 +139,8 @@ class RoutingMetricsCallback(TrainerCallback):
         cut = slice(seq - cols, seq) if mask is not None and not bool(mask[:rows, 0].all()) else slice(0, cols)
         self._probe = {k: v[:rows, cut].detach().clone() for k, v in inputs.items()}
         self._start = self._route_probe()
+        if baseline is not None and baseline.parent.is_dir():
+            torch.save({"probe": self._probe, "start": self._start}, baseline)
         if not bool(self._start.mask.any()):
             log.warning("routing drift off: the probe batch has no real tokens")
             self.drift = False
@@ -188,9 +204,14 @@ class RoutingMetricsCallback(TrainerCallback):
             extra["logits_to_keep"] = 1  # the LM head over the whole probe is wasted work here
         was_training = root.training
         root.eval()  # no dropout or router jitter: start and now must differ only by the weights
+        # Through the trainer's (outermost) model, not `root`: under FSDP2 the outermost module is
+        # the root FSDP unit whose hooks gather the weights the inner model needs (calling the
+        # inner model mixes Tensors and DTensors); under ZeRO-3 its hooks do the same. Every rank
+        # runs the probe (on_log and on_pre_optimizer_step run on all), as sharding requires.
+        runner = self._model if self._model is not None else root
         try:
             with torch.no_grad(), RoutingCapture(root, mode="full") as cap:
-                root(**self._probe, **extra)
+                runner(**self._probe, **extra)
         finally:
             root.train(was_training)
         return cap.last

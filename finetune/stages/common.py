@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from finetune import modeling, runs
+from finetune import distributed, modeling, staging as rundirs
+from finetune.adapter_check import check_saved_adapter
 from finetune.errors import UserError
 from finetune.lora import Plan, trainable_by_group, verify_adapters
 from finetune.recipe import Recipe
@@ -25,10 +26,15 @@ log = logging.getLogger("finetune")
 # tests/test_sft.py checks the ranks that expert adapters actually get.
 warnings.filterwarnings("ignore", message=r"The following (rank|alpha)_pattern keys did not match")
 
+# Checkpoints for --resume (finetune/resume.py): every 100 optimizer steps (minutes to an hour of a
+# Mixtral-8x7B run), the newest 2 kept so a kill during a save still leaves one complete checkpoint.
+# A LoRA checkpoint is the adapter, its Adam moments and the RNG states: small next to the model.
+CHECKPOINTS = {"save_strategy": "steps", "save_steps": 100, "save_total_limit": 2}
+
 STAGE_DEFAULTS = {
     # LoRA wants a larger learning rate than full fine-tuning; DPO a smaller one than SFT.
-    "sft": {"learning_rate": 2e-4, "num_train_epochs": 1, "per_device_train_batch_size": 8},
-    "dpo": {"learning_rate": 5e-5, "num_train_epochs": 1, "per_device_train_batch_size": 8, "beta": 0.1},
+    "sft": {"learning_rate": 2e-4, "num_train_epochs": 1, "per_device_train_batch_size": 8, **CHECKPOINTS},
+    "dpo": {"learning_rate": 5e-5, "num_train_epochs": 1, "per_device_train_batch_size": 8, "beta": 0.1, **CHECKPOINTS},
 }
 
 
@@ -57,34 +63,44 @@ def absolute(recipe: Recipe) -> Recipe:
     return out
 
 
-def trainer_args(recipe: Recipe, stage: str, output_dir: Path, aux_coef: float, has_eval: bool):
-    """trl.SFTConfig / trl.DPOConfig: our defaults, then the recipe's pass-through section."""
+def trainer_args(recipe: Recipe, stage: str, staging: Path, aux_coef: float, has_eval: bool):
+    """trl.SFTConfig / trl.DPOConfig: our defaults, then the recipe's pass-through section.
+
+    The Trainer's checkpoints go to the run's staging directory (finetune/staging.py)."""
     from trl import DPOConfig, SFTConfig
 
+    distributed.require_deepspeed()
     cls = SFTConfig if stage == "sft" else DPOConfig
     kwargs = dict(STAGE_DEFAULTS[stage])
     kwargs.update(
-        output_dir=str(output_dir / "checkpoints"),
+        output_dir=str(staging / "checkpoints"),
         seed=recipe.seed,
         max_length=recipe.data.max_length,
         router_aux_loss_coef=aux_coef,
         report_to="none",
         logging_steps=10,
-        save_strategy="no",
         lr_scheduler_type="cosine",
         warmup_steps=0.03,
         eval_strategy="epoch" if has_eval else "no",
     )
     if not torch.cuda.is_available():
-        # TRL 1.x defaults to bf16 autocast, which CPUs run slowly or not at all.
-        kwargs.update(use_cpu=True, bf16=False)
+        # TRL 1.x defaults to bf16 autocast, which CPUs run slowly or not at all. use_cpu would
+        # make accelerate skip DeepSpeed, which picks its own accelerator (CPU here): not for it.
+        kwargs.update(use_cpu=distributed.requested() not in ("zero3", "deepspeed"), bf16=False)
     else:
         kwargs.update(bf16=modeling.resolve_dtype(recipe.model.dtype) == torch.bfloat16)
-    kwargs.update(getattr(recipe, stage))
+    section = getattr(recipe, stage)
+    if section.get("resume_from_checkpoint"):
+        # The Trainer ignores this field (only train(resume_from_checkpoint=...) resumes): say so.
+        raise UserError(f"{stage}.resume_from_checkpoint: not used; continue an interrupted run with "
+                        f"`finetune {stage} RECIPE --resume` (it finds the newest complete checkpoint itself)")
+    kwargs.update(section)
     try:
-        return cls(**kwargs)
+        args = cls(**kwargs)
     except (ValueError, TypeError) as exc:
         raise UserError(f"{stage}: trl.{cls.__name__} rejects these settings: {exc}") from None
+    distributed.check_launch(args)
+    return args
 
 
 def announce_router(plan: Plan, aux_coef: float) -> None:
@@ -97,9 +113,12 @@ def announce_router(plan: Plan, aux_coef: float) -> None:
         )
 
 
-def finish_wrap(model, plan: Plan, expert_path: str) -> dict[str, int]:
-    """Check the PEFT-wrapped model trains what the plan says; switch experts to the fast path."""
+def finish_wrap(trainer, plan: Plan, expert_path: str) -> dict[str, int]:
+    """Check the PEFT-wrapped model trains what the plan says; switch experts to the fast path;
+    check and prepare the sharding the launcher asked for (finetune/distributed.py)."""
+    model = trainer.model
     verify_adapters(model, plan)
+    distributed.prepare(trainer)
     if "experts" in plan.groups and expert_path == "fast":
         from finetune.expert_lora import enable_fast_expert_lora
 
@@ -142,26 +161,6 @@ def seed_everything(seed: int) -> None:
     set_seed(seed)
 
 
-def claim_output_dir(recipe: Recipe, overwrite: bool) -> Path:
-    """The run's output directory, emptied or refused on the main process before anything writes there."""
-    from accelerate import PartialState
-
-    out = Path(recipe.output_dir)
-    if PartialState().is_main_process:
-        runs.prepare_output_dir(out, overwrite)
-    return out
-
-
-def save_adapter(model, out: Path) -> None:
-    """The adapter in standard PEFT files; drop the trainer's checkpoint folder if it stayed empty.
-
-    Only the trained adapter (`default`): a 4-bit DPO run also holds the frozen SFT adapter as `ref`."""
-    model.save_pretrained(out, selected_adapters=["default"])
-    checkpoints = out / "checkpoints"
-    if checkpoints.is_dir() and not any(checkpoints.iterdir()):
-        checkpoints.rmdir()
-
-
 class Timer:
     def __enter__(self):
         self.start = time.perf_counter()
@@ -171,25 +170,41 @@ class Timer:
         self.seconds = time.perf_counter() - self.start
 
 
-def attach_routing_metrics(trainer) -> None:
+def attach_routing_metrics(trainer, rundir: rundirs.RunDir) -> None:
     """Expert load, entropy, dead experts and drift in the trainer's own logs (finetune/routing/callback.py).
 
-    Attached after the trainer is built so the metrics reach TensorBoard/trackio/W&B too.
+    Attached after the trainer is built so the metrics reach TensorBoard/trackio/W&B too. The drift
+    baseline is kept in the staging directory, so a resumed run compares with its true start.
     """
     from finetune.routing.callback import add_routing_metrics
 
-    add_routing_metrics(trainer)
+    add_routing_metrics(trainer, baseline_dir=rundir.staging)
 
 
-def train_and_save(stage: str, trainer, tokenizer, out: Path, recipe: Recipe, checked, counts: dict, report,
-                   chain: list[dict], **extra_metrics) -> Path | None:
-    """Train, then (main process only) write adapter, tokenizer, metrics, resolved recipe, chain; print the summary."""
+def train_and_save(stage: str, trainer, tokenizer, rundir: rundirs.RunDir, recipe: Recipe, checked, counts: dict,
+                   report, parent_chain: list[dict], **extra_metrics) -> Path | None:
+    """Train (resuming if asked), save and check the adapter, write the run files, swap the run into place.
+
+    Runs inside rundirs.claimed(...): any failure leaves the previous run at output_dir untouched.
+    """
+    from finetune.resume import RunTotalsCallback
+
+    totals = RunTotalsCallback(trainer)
+    trainer.add_callback(totals)
+    if rundir.resume_from is not None:
+        totals.restore(rundir.resume_from)
     with Timer() as timer:
-        trainer.train()
+        trainer.train(resume_from_checkpoint=str(rundir.resume_from) if rundir.resume_from else None)
+    totals.fix_train_loss(trainer.state)
+    distributed.log_peak_memory(trainer)
+    state = rundirs.model_state_for_save(trainer)  # on every rank: gathering sharded weights needs them all
     if not trainer.is_world_process_zero():
         return None
-    save_adapter(trainer.model, out)
-    tokenizer.save_pretrained(out)
+    staging = rundir.staging
+    # only the trained adapter: a 4-bit DPO run also holds the frozen SFT adapter as `ref`
+    trainer.model.save_pretrained(staging, state_dict=state, selected_adapters=["default"])
+    tokenizer.save_pretrained(staging)
+    check_saved_adapter(staging, checked.config, recipe.model.trust_remote_code)
     metrics = {
         "stage": stage,
         "seconds": timer.seconds,
@@ -200,10 +215,11 @@ def train_and_save(stage: str, trainer, tokenizer, out: Path, recipe: Recipe, ch
         "dropped_rows": len(report.dropped),
         "router_policy": checked.plan.router_policy,
         "router_aux_loss_coef": recipe.router.aux_loss_coef,
+        "resumed_from": str(rundir.resume_from.name) if rundir.resume_from else None,
         **extra_metrics,
         "final": final_losses(trainer.state.log_history),
         "log_history": trainer.state.log_history,
     }
-    runs.finish_run(out, recipe, chain, metrics)
-    print_summary(stage, out, metrics)
-    return out
+    rundirs.finish(rundir, recipe, stage, parent_chain, metrics)
+    print_summary(stage, rundir.out, metrics)
+    return rundir.out

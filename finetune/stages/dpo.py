@@ -18,8 +18,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from finetune import chain, modeling, runs
+from finetune import chain, distributed, modeling, runs, staging
 from finetune.data import build_datasets
+from finetune.guards import NonFiniteGuard
 from finetune.lora import lora_config
 from finetune.recipe import ModelSection, Recipe
 from finetune.stages import common
@@ -28,21 +29,38 @@ from finetune.validate import check
 log = logging.getLogger("finetune")
 
 
-def build_trainer(recipe: Recipe, checked, aux_coef: float, parent: runs.Run, extra_callbacks=()):
+def prepare_inputs(recipe: Recipe, aux_coef: float, parent: runs.Run):
+    """Tokenizer, data sets and trainer settings: every check on the inputs, before any disk change."""
+    tokenizer = modeling.load_tokenizer(ModelSection(**{**recipe.model.__dict__, "name_or_path": str(parent.path)}))
+    train, eval_ds, report = build_datasets(recipe.data, tokenizer, "preference", recipe.seed)
+    args = common.trainer_args(recipe, "dpo", staging.staging_for(recipe), aux_coef, eval_ds is not None)
+    return tokenizer, train, eval_ds, report, args
+
+
+def load_start(parent: runs.Run, checked):
+    """The model DPO starts from: the merged SFT chain, or for a 4-bit run the bare 4-bit base
+    (the SFT adapter is stacked on it after TRL has wrapped the model)."""
+    if parent.recipe.model.quantization == "nf4":
+        from finetune import qlora_chain
+
+        return qlora_chain.load_base_for_dpo(parent)
+    # under FSDP2 only rank 0 merges the SFT chain; the others receive the merged weights
+    return distributed.load_base(lambda: chain.load_chain(parent), checked.config, parent.recipe.model)
+
+
+def build_trainer(recipe: Recipe, checked, aux_coef: float, parent: runs.Run, extra_callbacks=(), inputs=None,
+                  model=None):
     """The DPOTrainer on the merged parent chain, and what went into it (tests use this directly)."""
     from trl import DPOTrainer
 
-    tokenizer = modeling.load_tokenizer(ModelSection(**{**recipe.model.__dict__, "name_or_path": str(parent.path)}))
-    train, eval_ds, report = build_datasets(recipe.data, tokenizer, "preference", recipe.seed)
-    args = common.trainer_args(recipe, "dpo", Path(recipe.output_dir), aux_coef, eval_ds is not None)
+    tokenizer, train, eval_ds, report, args = inputs or prepare_inputs(recipe, aux_coef, parent)
+    if model is None:
+        model = load_start(parent, checked)
     quantized = recipe.model.quantization == "nf4"
-    if quantized:  # the SFT adapter cannot merge into 4-bit weights: it becomes TRL's "ref" adapter
+    if quantized:
         from finetune import qlora_chain
 
-        model = qlora_chain.load_base_for_dpo(parent)
         DPOTrainer = qlora_chain.stacked_reference_trainer_class()  # noqa: N806
-    else:
-        model = chain.load_chain(parent)
     common.seed_everything(recipe.seed)
     common.announce_router(checked.plan, aux_coef)
     trainer = DPOTrainer(
@@ -53,26 +71,29 @@ def build_trainer(recipe: Recipe, checked, aux_coef: float, parent: runs.Run, ex
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         peft_config=lora_config(checked.plan),
-        callbacks=list(extra_callbacks),
+        callbacks=[NonFiniteGuard(), *extra_callbacks],
     )
-    if quantized:
+    if quantized:  # the SFT adapter as TRL's frozen "ref" adapter, stacked under the new one
         qlora_chain.add_reference_adapter(trainer.model, chain.adapter_dirs(parent)[0])
-    counts = common.finish_wrap(trainer.model, checked.plan, recipe.lora.expert_path)
-    common.attach_routing_metrics(trainer)
+    counts = common.finish_wrap(trainer, checked.plan, recipe.lora.expert_path)
+    common.attach_routing_metrics(trainer, staging.RunDir(Path(recipe.output_dir), staging.staging_for(recipe)))
     return trainer, tokenizer, report, counts
 
 
-def run_dpo(recipe: Recipe, overwrite: bool = False, callbacks=()):
+def run_dpo(recipe: Recipe, overwrite: bool = False, callbacks=(), resume: bool = False):
     checked = check(recipe, "dpo")
     recipe = common.absolute(checked.recipe)
     parent = runs.read_run(recipe.from_run)
+    recipe.from_run = str(parent.path)
     aux_coef = common.resolve_aux_coef(recipe, checked.config)
     recipe.router.aux_loss_coef = aux_coef
-    out = common.claim_output_dir(recipe, overwrite)
-    trainer, tokenizer, report, counts = build_trainer(recipe, checked, aux_coef, parent, callbacks)
+    inputs = prepare_inputs(recipe, aux_coef, parent)  # trainer_args inside refuses a bad launch too
+    rundir = staging.plan(recipe, overwrite, resume)
+    model = load_start(parent, checked)  # checks every adapter of the chain against its sha256 first
 
-    run_chain = parent.chain + [{"kind": "dpo", "run": str(out)}]
-    reference = (f"SFT adapter of {parent.path} as frozen adapter `ref` on the 4-bit base" if recipe.model.quantization == "nf4"
-                 else f"SFT chain of {parent.path} merged (adapters disabled)")
-    return common.train_and_save("dpo", trainer, tokenizer, out, recipe, checked, counts, report, run_chain,
-                                 reference=reference)
+    with staging.claimed(rundir, recipe):
+        trainer, tokenizer, report, counts = build_trainer(recipe, checked, aux_coef, parent, callbacks, inputs, model)
+        reference = (f"SFT adapter of {parent.path} as frozen adapter `ref` on the 4-bit base"
+                     if recipe.model.quantization == "nf4" else f"SFT chain of {parent.path} merged (adapters disabled)")
+        return common.train_and_save("dpo", trainer, tokenizer, rundir, recipe, checked, counts, report, parent.chain,
+                                     reference=reference)

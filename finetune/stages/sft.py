@@ -1,18 +1,20 @@
 """Supervised fine-tuning: train LoRA adapters on chat data with TRL's SFTTrainer.
 
-    finetune sft recipes/tiny-moe/sft.yaml [--set sft.learning_rate=1e-4 ...]
+    finetune sft recipes/tiny-moe/sft.yaml [--set sft.learning_rate=1e-4 ...] [--overwrite] [--resume]
     accelerate launch -m finetune sft recipes/mixtral-8x7b/sft.yaml   # several GPUs
 
-Writes the run directory described in finetune/runs.py.
+Writes the run directory described in finetune/runs.py. Everything that can fail on the inputs
+(recipe, data, trainer settings, output directory, model load) is checked before the staging
+directory is created (finetune/staging.py).
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
-from finetune import modeling
+from finetune import distributed, modeling, staging
 from finetune.data import build_datasets
+from finetune.guards import NonFiniteGuard
 from finetune.lora import lora_config
 from finetune.recipe import Recipe
 from finetune.stages import common
@@ -21,7 +23,7 @@ from finetune.validate import check
 log = logging.getLogger("finetune")
 
 
-def run_sft(recipe: Recipe, overwrite: bool = False, callbacks=()):
+def run_sft(recipe: Recipe, overwrite: bool = False, callbacks=(), resume: bool = False):
     from trl import SFTTrainer
 
     checked = check(recipe, "sft")
@@ -31,22 +33,26 @@ def run_sft(recipe: Recipe, overwrite: bool = False, callbacks=()):
 
     tokenizer = modeling.load_tokenizer(recipe.model)
     train, eval_ds, report = build_datasets(recipe.data, tokenizer, "sft", recipe.seed)
-    args = common.trainer_args(recipe, "sft", Path(recipe.output_dir), aux_coef, eval_ds is not None)
-    out = common.claim_output_dir(recipe, overwrite)
+    args = common.trainer_args(recipe, "sft", staging.staging_for(recipe), aux_coef, eval_ds is not None)
+    rundir = staging.plan(recipe, overwrite, resume)
 
-    model = modeling.load_model(recipe.model)
-    common.seed_everything(recipe.seed)
-    common.announce_router(checked.plan, aux_coef)
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=train,
-        eval_dataset=eval_ds,
-        processing_class=tokenizer,
-        peft_config=lora_config(checked.plan),
-        callbacks=list(callbacks),
-    )
-    counts = common.finish_wrap(trainer.model, checked.plan, recipe.lora.expert_path)
-    common.attach_routing_metrics(trainer)
-    chain = [{"kind": "base", "model": recipe.model.name_or_path}, {"kind": "sft", "run": str(out)}]
-    return common.train_and_save("sft", trainer, tokenizer, out, recipe, checked, counts, report, chain)
+    # under FSDP2 with cpu_ram_efficient_loading only rank 0 reads the weights (finetune/distributed.py)
+    model = distributed.load_base(lambda: modeling.load_model(recipe.model), checked.config, recipe.model)
+    with staging.claimed(rundir, recipe):
+        # TRL wraps the model in LoRA inside the trainer's constructor, which also creates the
+        # checkpoint folder: hence inside `claimed`, which removes the staging again on failure.
+        common.seed_everything(recipe.seed)
+        common.announce_router(checked.plan, aux_coef)
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=train,
+            eval_dataset=eval_ds,
+            processing_class=tokenizer,
+            peft_config=lora_config(checked.plan),
+            callbacks=[NonFiniteGuard(), *callbacks],
+        )
+        counts = common.finish_wrap(trainer, checked.plan, recipe.lora.expert_path)
+        common.attach_routing_metrics(trainer, rundir)
+        base = [{"kind": "base", "model": recipe.model.name_or_path}]
+        return common.train_and_save("sft", trainer, tokenizer, rundir, recipe, checked, counts, report, base)

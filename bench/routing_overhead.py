@@ -1,7 +1,7 @@
 """Measure what RoutingMetricsCallback costs a training step, on CPU, as a ratio in one run.
 
-    python -m finetune.routing.overhead                     # hidden 256, 4 layers: ~2.5 min on 2 cores
-    python -m finetune.routing.overhead --hidden 64 --layers 2 --repeats 5
+    python bench/routing_overhead.py                     # hidden 256, 4 layers: ~2.5 min on 2 cores
+    python bench/routing_overhead.py --hidden 64 --layers 2 --repeats 5
 
 Trains a tiny random Mixtral with trl.SFTTrainer at logging_steps=10 and reports two ratios of
 step time with / without the callback, over whole logging windows (the logging step is where
@@ -10,20 +10,47 @@ the host sync and the drift probe happen):
               events, against the rest of the step. Immune to other jobs on a shared machine.
   A/B         best per-step time of runs with vs without (same weights, data, seed), alternated;
               on a busy 2-core machine the noise between runs is larger than the effect.
-The model, tokenizer and texts come from tiny.py.
+The model is a random Mixtral of the chosen width with the bundled model/tiny-moe tokenizer;
+the texts are random words. Nothing is downloaded.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import random
 import time
+from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
-from finetune.routing.tiny import random_texts, tiny_mixtral, tiny_tokenizer
+TOKENIZER = Path(__file__).resolve().parent.parent / "model" / "tiny-moe"
+WORDS = (
+    "the a an of to in is was it that for on with as at by from this be are or not but have one two three "
+    "code python function return value list math add sum number prime story cat dog house tree question answer"
+).split()
+
+
+def build_model(vocab_size: int, hidden: int, layers: int):
+    """A random Mixtral, 8 experts top-2, on the per-expert loop (grouped_mm is far slower on CPU at these sizes)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
+        max_position_embeddings=512, pad_token_id=0,
+    )
+    model = MixtralForCausalLM(config)
+    model.set_experts_implementation("eager")
+    return model
+
+
+def random_texts(n: int, words: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(words // 2, words))) for _ in range(n)]
 
 
 class _Attribution:
@@ -138,8 +165,12 @@ def main(argv: list[str] | None = None) -> None:
 
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
-    tokenizer = tiny_tokenizer()
-    base = tiny_mixtral(len(tokenizer), hidden=args.hidden, layers=args.layers)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    base = build_model(len(tokenizer), args.hidden, args.layers)
     texts = random_texts(4 * args.steps, 120)
     _train(copy.deepcopy(base), tokenizer, texts, 3, args.logging_steps, True)  # warm caches and allocator
     per_step = {(kind, cb): [] for kind in ("cpu", "wall") for cb in (False, True)}

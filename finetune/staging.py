@@ -1,0 +1,161 @@
+"""A run's staging directory: decide (no disk change), claim, guard against failure, finish and swap.
+
+    finetune sft RECIPE [--overwrite] [--resume]     # each stage: plan -> load/wrap -> claimed(...) -> finish
+
+`plan` runs every check on the destination and on an interrupted run's checkpoints before
+anything is created or deleted. Inside `claimed`, the run trains into `<parent>/.<name>.incomplete/`;
+an exception removes that directory again (nothing left behind) unless it holds a complete
+checkpoint that --resume can continue (an out-of-memory error after hours keeps them, and the
+log says so); an interrupt (Ctrl-C, SIGTERM, kill -9) keeps it. `finish` writes the run files,
+chain.json last, renames the staging directory into output_dir (the previous finished run is
+moved aside and removed only after that rename) and drops the checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from finetune import outputs, runs
+from finetune.errors import CheckFailed, UserError
+from finetune.recipe import Recipe, recipe_to_dict
+from finetune.resume import newest_checkpoint
+
+log = logging.getLogger("finetune")
+
+START_RECIPE = "recipe.start.yaml"
+"""The resolved recipe a staging directory was started with: --resume refuses a changed recipe."""
+
+
+@dataclass
+class RunDir:
+    out: Path
+    staging: Path
+    resume_from: Path | None = None
+
+
+def staging_for(recipe: Recipe) -> Path:
+    return outputs.staging_dir(Path(recipe.output_dir).resolve())
+
+
+def _protected(recipe: Recipe) -> dict[str, str]:
+    protected = {}
+    if Path(recipe.model.name_or_path).exists():
+        protected["the base model"] = recipe.model.name_or_path
+    if recipe.from_run:
+        protected["the parent run (from_run)"] = recipe.from_run
+    for i, source in enumerate([*recipe.data.train, *recipe.data.eval]):
+        if Path(source).exists():
+            protected[f"data file {source}'s directory"] = str(Path(source).resolve().parent)
+    return protected
+
+
+def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def plan(recipe: Recipe, overwrite: bool, resume: bool) -> RunDir:
+    """Where the run goes and what it resumes from; a UserError, with nothing touched, if it may not."""
+    out = outputs.check_destination(recipe.output_dir, "run", overwrite, _protected(recipe))
+    staging = outputs.staging_dir(out)
+    if staging.exists() and not ((staging / outputs.MARKER).is_file() or outputs.is_finished_run(staging)):
+        raise UserError(f"{staging} exists and was not made by this project; move it away, or choose another output_dir")
+    ckpt = newest_checkpoint(staging / "checkpoints") if staging.is_dir() else None
+    if resume:
+        if ckpt is None:
+            raise UserError(f"--resume: no complete checkpoint in {staging / 'checkpoints'} to continue; "
+                            f"run without --resume to start {out} fresh")
+        started = yaml.safe_load((staging / START_RECIPE).read_text()) if (staging / START_RECIPE).is_file() else None
+        changed = _changed_keys(started, recipe_to_dict(recipe)) if isinstance(started, dict) else []
+        if changed:
+            raise UserError(f"--resume: the recipe differs from the one the interrupted run started with "
+                            f"({', '.join(changed)}); resume with the same recipe and --set values, or delete "
+                            f"{staging} to start fresh")
+        log.warning("resuming from %s", ckpt)
+    elif ckpt is not None:
+        # --overwrite does not discard hours of training silently: the user picks.
+        raise UserError(f"an interrupted run of {out} left checkpoint {ckpt}; pass --resume to continue it, "
+                        f"or delete {staging} to start fresh")
+    return RunDir(out=out, staging=staging, resume_from=ckpt)
+
+
+def _main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+def claim(rundir: RunDir, recipe: Recipe) -> None:
+    """Create the staging directory (the main process), then every rank goes on together."""
+    from accelerate import PartialState
+
+    if _main_process() and rundir.resume_from is None:
+        if rundir.staging.exists():  # no complete checkpoint in it (plan checked): a failed start's leftovers
+            shutil.rmtree(rundir.staging)
+        try:
+            rundir.staging.mkdir(parents=True)
+        except OSError as exc:
+            raise UserError(f"output_dir {rundir.out}: cannot create {rundir.staging} ({exc.strerror})") from None
+        (rundir.staging / outputs.MARKER).write_text("an unfinished finetune run; see finetune/staging.py\n")
+        (rundir.staging / START_RECIPE).write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+    PartialState().wait_for_everyone()
+
+
+def discard(rundir: RunDir, exc: BaseException) -> None:
+    """After a failure: remove the staging directory unless --resume could continue it."""
+    if not rundir.staging.exists():
+        return
+    ckpt = None if isinstance(exc, CheckFailed) else newest_checkpoint(rundir.staging / "checkpoints")
+    if ckpt is not None:
+        log.warning("the run failed; checkpoint %s is kept: fix the cause and continue with --resume, "
+                    "or delete %s", ckpt, rundir.staging)
+        return
+    shutil.rmtree(rundir.staging, ignore_errors=True)
+
+
+@contextmanager
+def claimed(rundir: RunDir, recipe: Recipe):
+    claim(rundir, recipe)
+    try:
+        yield rundir
+    except Exception as exc:  # interrupts (KeyboardInterrupt, SystemExit) keep the checkpoints
+        if _main_process():
+            discard(rundir, exc)
+        raise
+
+
+def model_state_for_save(trainer) -> dict:
+    """The model state dict the adapter is cut from (PEFT keeps only the adapter's tensors).
+
+    Called on every rank. One process or DDP: the model's own tensors, no copy. Sharded training
+    (FSDP2, ZeRO-3): the adapter tensors gathered on every rank (a collective) before rank 0 writes.
+    """
+    from finetune import distributed
+
+    gathered = distributed.adapter_state_dict(trainer)
+    return gathered if gathered is not None else trainer.model.state_dict()
+
+
+def finish(rundir: RunDir, recipe: Recipe, stage: str, parent_chain: list[dict], metrics: dict) -> None:
+    """Run files into staging (chain.json last), swap into output_dir, drop checkpoints and resume files."""
+    staging, out = rundir.staging, rundir.out
+    adapter_sha = runs.sha256(staging / runs.ADAPTER_FILE)
+    chain = runs.new_chain(out, stage, parent_chain, adapter_sha)
+    runs.write_run_files(staging, out, recipe, chain, metrics)
+    for name in (outputs.MARKER, START_RECIPE, *[p.name for p in staging.glob("routing_baseline_*.pt")]):
+        (staging / name).unlink(missing_ok=True)
+    outputs.swap_into_place(staging, out)
+    # After the swap: a kill here leaves a finished run with a spare checkpoints folder, never no run.
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
