@@ -291,6 +291,12 @@ def recipe_problems(recipe, own_model=None) -> list:
         problems.append(Problem("model.quantization", str(exc).split(": ", 1)[1]))
     if recipe.lora.expert_path == "peft":
         problems.append(Problem("lora.expert_path", STOCK_PATH))
+    from finetune.distributed import requested
+
+    if requested():  # the launcher asked for FSDP or DeepSpeed
+        problems.append(Problem("model.quantization", f"nf4 under {requested()} sharding is not implemented (the NF4 "
+                                "expert buffers and bitsandbytes' 4-bit weights are not sharded by it); train on one "
+                                "GPU or with DDP (recipes/accelerate/ddp.yaml)"))
     if recipe.router.policy == "train":
         problems.append(Problem("router.policy", "`train` is not available with model.quantization: nf4: 4-bit DPO keeps "
                                 "the SFT adapter loaded beside the new one, and PEFT's modules_to_save router copy "

@@ -161,7 +161,7 @@ def nf4_recipe(tmp_path, tiny_mixtral, sft_file, quantization="nf4", **extra):
     return recipe
 
 
-def test_recipe_checks(tmp_path, tiny_mixtral, sft_file):
+def test_recipe_checks(tmp_path, tiny_mixtral, sft_file, monkeypatch):
     ok = nf4_recipe(tmp_path, tiny_mixtral, sft_file)
     assert check(read_recipe(recipe_file(tmp_path, **ok))).recipe.model.quantization == "nf4"
     bad = nf4_recipe(tmp_path, tiny_mixtral, sft_file, lora={"expert_path": "peft"}, router={"policy": "train"})
@@ -169,6 +169,11 @@ def test_recipe_checks(tmp_path, tiny_mixtral, sft_file):
         check(read_recipe(recipe_file(tmp_path, **bad)))
     wheres = {p.where for p in err.value.problems}
     assert {"lora.expert_path", "router.policy"} <= wheres
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    with pytest.raises(UserError, match="fsdp2 sharding is not implemented"):
+        check(read_recipe(recipe_file(tmp_path, **ok)))
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
     typo = nf4_recipe(tmp_path, tiny_mixtral, sft_file, quantization="nf44")
     with pytest.raises(UserError, match="nf4"):
         check(read_recipe(recipe_file(tmp_path, **typo)))
