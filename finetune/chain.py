@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 
 from finetune import modeling, runs
 from finetune.errors import UserError
+from finetune.eval.placement import choose_placement, config_dtype
 from finetune.recipe import ModelSection
 
 log = logging.getLogger("finetune")
@@ -28,13 +29,16 @@ def adapter_dirs(run: runs.Run) -> list[Path]:
     return [Path(link["run"]) for link in run.chain if link["kind"] != "base"]
 
 
-def load_chain(run: runs.Run, dtype: str | None = None, keep_last: bool = False, quantized: bool | None = None):
+def load_chain(run: runs.Run, dtype: str | None = None, keep_last: bool = False, device_map=None,
+               quantized: bool | None = None):
     """The base model with the chain's adapters merged in order.
 
     With keep_last, the last adapter stays an unmerged PeftModel (the reference that export
-    compares its merged weights against). A run trained on a 4-bit base (`quantized`, default:
-    as the run was trained) loads that base with the adapters stacked, unmerged
-    (finetune/qlora_chain.py); quantized=False merges them into the 16-bit base instead (export).
+    compares its merged weights against). With a device_map the base is loaded onto its
+    device(s) and PEFT puts each adapter beside the weights it changes, so merging happens there.
+    A run trained on a 4-bit base (`quantized`, default: as the run was trained) loads that base
+    with the adapters stacked, unmerged (finetune/qlora_chain.py); quantized=False merges them
+    into the 16-bit base instead (export).
     """
     runs.verify_adapters(run)  # before loading the base: a damaged chain fails in a second, by file name
     section = ModelSection(**{**run.recipe.model.__dict__})
@@ -45,9 +49,9 @@ def load_chain(run: runs.Run, dtype: str | None = None, keep_last: bool = False,
     if quantized:
         from finetune.qlora_chain import load_stacked
 
-        return load_stacked(section, adapter_dirs(run))
+        return load_stacked(section, adapter_dirs(run), device_map=device_map)
     section.quantization = "none"
-    model = modeling.load_model(section)
+    model = modeling.load_model(section, device_map=device_map)
     dirs = adapter_dirs(run)
     for i, path in enumerate(dirs):
         with warnings.catch_warnings():
@@ -64,16 +68,26 @@ def load_chain(run: runs.Run, dtype: str | None = None, keep_last: bool = False,
     return model
 
 
-def load_for_inference(name: str, dtype: str = "float32"):
-    """(model, tokenizer) from a run directory, an exported checkpoint, or a base model/hub id."""
+def load_for_inference(name: str, dtype: str | None = None, device: str | None = None):
+    """(model, tokenizer) from a run directory, an exported checkpoint, or a base model/hub id.
+
+    Placed by finetune.eval.placement.choose_placement: 16-bit on every GPU when there is one,
+    float32 on the CPU otherwise; dtype/device override ("auto" or None keeps the default).
+    """
     if runs.is_run(name):
         run = runs.read_run(name)
-        model = load_chain(run, dtype=dtype)
+        base = run.recipe.model
+        where = choose_placement(device, dtype, config_dtype(modeling.load_config(base)))
+        log.info("loading %s in %s on %s", name, where.dtype_name, where.device_map or "cpu")
+        model = load_chain(run, dtype=where.dtype_name, device_map=where.device_map)
         model.config._name_or_path = str(run.path)  # reports name the run, not its base
         tokenizer = modeling.load_tokenizer(ModelSection(name_or_path=str(run.path)))
         return model, tokenizer
-    section = ModelSection(name_or_path=name, dtype=dtype)
-    model = modeling.load_model(section)
+    section = ModelSection(name_or_path=name)
+    where = choose_placement(device, dtype, config_dtype(modeling.load_config(section)))
+    section.dtype = where.dtype_name
+    log.info("loading %s in %s on %s", name, where.dtype_name, where.device_map or "cpu")
+    model = modeling.load_model(section, device_map=where.device_map)
     model.eval()
     return model, modeling.load_tokenizer(section)
 

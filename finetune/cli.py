@@ -5,6 +5,7 @@
     finetune dpo recipes/tiny-moe/dpo.yaml
     finetune export runs/tiny-moe/dpo --output exports/tiny-moe-instruct
     finetune eval exports/tiny-moe-instruct --data data/tiny-tasks/test.jsonl
+    finetune eval runs/tiny-moe/sft --passkey --lengths 128,256,496 --long-ppl data/tiny-tasks/corpus.txt
     finetune pipeline recipes/tiny-moe --eval-data data/tiny-tasks/test.jsonl
     finetune routing runs/tiny-moe/dpo --data data/tiny-tasks/test.jsonl --compare model/tiny-moe
 
@@ -57,6 +58,12 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_placement_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (every GPU if any, else CPU), cpu, cuda (every GPU), cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: the model's 16-bit dtype on GPUs, float32 on the CPU")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="finetune", description="SFT, DPO and export for Mixture-of-Experts instruct models.")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and the final summary")
@@ -79,12 +86,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default="5GB", type=shard_size, help="largest safetensors shard (default 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output directory")
 
-    p = sub.add_parser("eval", help="loss, exact-match and preference accuracy of a model, run or export")
+    p = sub.add_parser("eval", help="loss, exact match, preference accuracy, passkey retrieval, perplexity by context")
     p.add_argument("model", help="base model (directory or hub id), run directory, or exported checkpoint")
-    p.add_argument("--data", action="append", required=True, help="data file (SFT rows, test prompts with `answer`, or preference pairs); repeatable")
+    p.add_argument("--data", action="append", help="data file (SFT rows, test prompts with `answer`, or preference pairs); repeatable")
     p.add_argument("--output", help="write the figures as JSON here")
     p.add_argument("--max-new-tokens", type=positive_int, default=32)
     p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--passkey", action="store_true", help="passkey retrieval by prompt length x key depth (JSON, Markdown, heat-map)")
+    p.add_argument("--lengths", help="passkey prompt lengths in tokens, e.g. 1k,2k,4k (default: 1/8, 1/4, 1/2 of the context, the longest that fits, and 2x beyond)")
+    p.add_argument("--depths", help="key depths from 0 (start) to 1 (end), default 0,0.25,0.5,0.75,1")
+    p.add_argument("--trials", type=positive_int, default=4, help="passkey prompts per (length, depth) cell (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the passkeys (default 0)")
+    p.add_argument("--long-ppl", metavar="FILE", help="perplexity of this text's later tokens by context length (table and plot)")
+    p.add_argument("--contexts", help="context lengths for --long-ppl, e.g. 512,1k,2k (default: powers of two from 64 that fit)")
+    p.add_argument("--report-dir", help="where --passkey/--long-ppl write their files (default eval-reports/<model name>)")
+    _add_placement_args(p)
 
     p = sub.add_parser("pipeline", help="the whole job: SFT -> DPO -> export -> eval of base, SFT, DPO and export")
     p.add_argument("recipes", help="directory holding sft.yaml and dpo.yaml, e.g. recipes/tiny-moe")
@@ -94,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override a value of the SFT recipe; repeatable")
     p.add_argument("--overwrite", action="store_true", help="replace earlier outputs of this pipeline")
+    p.add_argument("--no-passkey", action="store_true", help="skip the passkey retrieval check of every stage")
 
     p = sub.add_parser("routing", help="routing report: expert load and repeated-expert rates per layer, with plots")
     p.add_argument("model", help="base model, run directory, or exported checkpoint")
@@ -104,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source-column", default="source", help="row column naming its data source (default: source)")
     p.add_argument("--max-length", type=positive_int, default=1024, help="tokens per text (default 1024)")
     p.add_argument("--batch-size", type=positive_int, default=8)
-    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots (they need matplotlib)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    _add_placement_args(p)
     return parser
 
 
@@ -177,7 +195,8 @@ def dispatch(args) -> int:
     if args.command == "pipeline":
         from finetune.pipeline import run_pipeline
 
-        run_pipeline(args.recipes, args.eval_data, args.export_dir, args.export_dtype, args.overrides, args.overwrite)
+        run_pipeline(args.recipes, args.eval_data, args.export_dir, args.export_dtype, args.overrides, args.overwrite,
+                     with_passkey=not args.no_passkey)
         return 0
     if args.command == "routing":
         from finetune.routing.cli import routing_cli

@@ -169,13 +169,18 @@ def format_table(name: str, results: dict) -> str:
 
 
 def evaluate_cli(args) -> int:
-    model, tokenizer = load_for_inference(args.model)
-    results = evaluate(model, tokenizer, args.data, args.max_new_tokens, args.batch_size)
-    print(format_table(args.model, results))
-    if args.output:  # cli.check_output_path has refused paths we could not or should not write
-        out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")  # write beside and rename: never a half-written file
-        tmp.write_text(json.dumps({"model": args.model, "results": results}, indent=2))
-        tmp.replace(out)
+    from finetune.eval import cli as long_context
+
+    plan = long_context.check_args(args)
+    model, tokenizer = load_for_inference(args.model, args.dtype, args.device)
+    if args.data:
+        results = evaluate(model, tokenizer, args.data, args.max_new_tokens, args.batch_size)
+        print(format_table(args.model, results))
+        if args.output:  # cli.check_output_path has refused paths we could not or should not write
+            out = Path(args.output)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(f".{out.name}.tmp")  # write beside and rename: never a half-written file
+            tmp.write_text(json.dumps({"model": args.model, "results": results}, indent=2))
+            tmp.replace(out)
+    long_context.run(model, tokenizer, args, plan)
     return 0

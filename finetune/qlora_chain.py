@@ -35,11 +35,11 @@ def _adapter_names(dirs) -> list[str]:
     return [f"stage{i}" for i in range(len(dirs))]
 
 
-def load_stacked(section: ModelSection, dirs, trainable: bool = False):
+def load_stacked(section: ModelSection, dirs, trainable: bool = False, device_map=None):
     """The 4-bit base with every adapter in `dirs` loaded (frozen) and active together, fast path on."""
     from finetune.expert_lora import enable_fast_expert_lora
 
-    model = qlora.load_quantized(section)
+    model = qlora.load_quantized(section, device_map=device_map)
     names = _adapter_names(dirs)
     for i, (name, path) in enumerate(zip(names, dirs)):
         if not (path / "adapter_config.json").is_file():

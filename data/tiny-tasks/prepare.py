@@ -9,21 +9,30 @@ pretrained on it "knows" the tasks but has never seen the [INST] chat format. SF
 format, but its annotator is systematically wrong on two families (`sort`, `last_letter`);
 the preference pairs prefer the correct answer over the flawed one, which is what DPO fixes.
 Everything is drawn from one seeded generator, so the files are identical on every run.
+
+passkey_sft.jsonl adds a ninth family for the long-context check (`finetune eval --passkey`):
+the same prompts the check builds (finetune/eval/passkey.py), with 4-40 filler words, so 110 to
+200 tokens, answered with the key. Its own generator leaves every other file byte-identical.
 """
 
 import json
 import random
+import sys
 from itertools import permutations
 from pathlib import Path
 
 SEED = 1234
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent.parent))  # the passkey prompts come from the package itself
+from finetune.eval.passkey import user_turn  # noqa: E402
 
 # Sizes are set so LoRA SFT (~1 epoch) and DPO each take about a minute on 2 CPU cores.
 N_SFT = 2400
 N_SFT_EVAL = 96
 N_PREF = 640
 N_TEST_PER_FAMILY = 20
+N_PASSKEY_SFT = 320
+PASSKEY_WORDS = (4, 40)  # filler words per prompt: 110-200 tokens, about half the model's 512 positions
 MULTI_TURN_RATE = 0.04
 FLAW_RATE = 0.85  # share of the flawed families' SFT answers that carry the flaw
 # DPO needs most of its signal where SFT went wrong; clean families keep a share so they hold.
@@ -249,6 +258,15 @@ def test_rows(test, rng):
     ]
 
 
+def passkey_rows(n, rng):
+    rows = []
+    for _ in range(n):
+        key = str(rng.randint(10_000, 99_999))
+        content = user_turn(key, rng.randint(*PASSKEY_WORDS), rng.random())
+        rows.append({"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": key}]})
+    return rows
+
+
 def check_held_out(sft, pref, test):
     """Test prompts must be unseen in SFT and preference data, or the test measures recall."""
     seen = {m["content"] for row in sft for m in row["messages"] if m["role"] == "user"}
@@ -284,7 +302,8 @@ def main():
     write_jsonl(HERE / "sft_eval.jsonl", sft_eval)
     write_jsonl(HERE / "preference.jsonl", pref)
     write_jsonl(HERE / "test.jsonl", tests)
-    for name in ("corpus.txt", "sft.jsonl", "sft_eval.jsonl", "preference.jsonl", "test.jsonl"):
+    write_jsonl(HERE / "passkey_sft.jsonl", passkey_rows(N_PASSKEY_SFT, rng_for("passkey_sft")))
+    for name in ("corpus.txt", "sft.jsonl", "sft_eval.jsonl", "preference.jsonl", "test.jsonl", "passkey_sft.jsonl"):
         path = HERE / name
         lines = sum(1 for _ in open(path, encoding="utf-8"))
         print(f"{name:18s} {lines:6d} lines {path.stat().st_size / 1024:8.1f} KiB")

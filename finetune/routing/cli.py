@@ -12,12 +12,12 @@ from finetune.routing.report import load_sources, routing_report
 
 
 def routing_cli(args) -> int:
-    model, tokenizer = load_for_inference(args.model)
+    model, tokenizer = load_for_inference(args.model, args.dtype, args.device)
     sources = load_sources(args.data, args.source_column, tokenizer=tokenizer)
     sources = {name: texts[: args.max_rows] for name, texts in sources.items()}
     compare = None
     if args.compare:
-        other, other_tokenizer = load_for_inference(args.compare)
+        other, other_tokenizer = load_for_inference(args.compare, args.dtype, args.device)
         compare = (other, other_tokenizer)
     routing_report(model, tokenizer, sources, args.output, compare=compare, max_length=args.max_length,
                    batch_size=args.batch_size, plots=not args.no_plots)

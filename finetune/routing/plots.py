@@ -1,7 +1,7 @@
 """PNG plots of the routing report's dict (report.py); `finetune routing ... --output DIR` writes them.
 
 Uses matplotlib's object API with the Agg canvas (no pyplot, no global backend switch), so it
-is safe inside notebooks and headless jobs alike. matplotlib is the optional `plots` extra.
+is safe inside notebooks and headless jobs alike. matplotlib is a core dependency.
 """
 
 from __future__ import annotations

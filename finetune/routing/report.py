@@ -198,7 +198,7 @@ def routing_report(
     of a fine-tuned `model`; differences are model minus compare and KL is KL(compare || model).
     Top-k overlap and KL need the same tokens: they are computed on batches that both tokenizers
     encode identically (the usual case for a fine-tune of the same base). `plots=False` skips the
-    PNGs (they also need the optional matplotlib).
+    PNGs.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -274,7 +274,7 @@ def routing_report(
 def _plots(result: dict, out: Path) -> list[str]:
     try:
         from finetune.routing import plots
-    except ImportError:  # matplotlib is the optional `plots` extra
-        log.warning("matplotlib not installed: routing report without plots (pip install 'finetune[plots]')")
+    except ImportError:  # matplotlib is a dependency; an environment may still lack it
+        log.warning("matplotlib not installed: routing report without plots (pip install matplotlib)")
         return []
     return plots.write_all(result, out)
