@@ -80,6 +80,24 @@ def test_expert_aliases_resolve_to_fused_parameters(tmp_path, tiny_mixtral, sft_
     assert checked.plan.groups["experts"].targets == ["gate_up_proj", "down_proj"]
 
 
+def test_dropout_with_expert_lora_is_refused_as_peft_would_at_wrap_time(tmp_path, tiny_mixtral, sft_file):
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from finetune.lora import lora_config
+
+    recipe = sft_recipe(tmp_path, tiny_mixtral, sft_file, lora={"dropout": 0.05})
+    problems = problems_of(recipe_file(tmp_path, **recipe))
+    assert any(p.startswith("lora.dropout: 0.05 is not supported with expert or router LoRA") for p in problems)
+    # the check mirrors PEFT: wrapping the fused experts with dropout fails there
+    attention_only = sft_recipe(tmp_path, tiny_mixtral, sft_file, lora={"dropout": 0.05, "experts": False})
+    checked = check(read_recipe(recipe_file(tmp_path, **attention_only)))
+    plan = checked.plan
+    plan.groups["experts"] = type(plan.groups["attention"])(r=4, alpha=8.0, targets=["gate_up_proj"])
+    with pytest.raises(ValueError, match="lora_dropout"):
+        get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_mixtral), lora_config(plan))
+
+
 def test_router_options_rejected_on_dense_model(tmp_path, tiny_mistral, sft_file):
     recipe = sft_recipe(tmp_path, tiny_mistral, sft_file, lora={"experts": False}, router={"policy": "train"})
     problems = problems_of(recipe_file(tmp_path, **recipe))
