@@ -29,17 +29,28 @@ def adapter_dirs(run: runs.Run) -> list[Path]:
     return [Path(link["run"]) for link in run.chain if link["kind"] != "base"]
 
 
-def load_chain(run: runs.Run, dtype: str | None = None, keep_last: bool = False, device_map=None):
+def load_chain(run: runs.Run, dtype: str | None = None, keep_last: bool = False, device_map=None,
+               quantized: bool | None = None):
     """The base model with the chain's adapters merged in order.
 
     With keep_last, the last adapter stays an unmerged PeftModel (the reference that export
     compares its merged weights against). With a device_map the base is loaded onto its
     device(s) and PEFT puts each adapter beside the weights it changes, so merging happens there.
+    A run trained on a 4-bit base (`quantized`, default: as the run was trained) loads that base
+    with the adapters stacked, unmerged (finetune/qlora_chain.py); quantized=False merges them
+    into the 16-bit base instead (export).
     """
     runs.verify_adapters(run)  # before loading the base: a damaged chain fails in a second, by file name
     section = ModelSection(**{**run.recipe.model.__dict__})
     if dtype:
         section.dtype = dtype
+    if quantized is None:
+        quantized = section.quantization == "nf4"
+    if quantized:
+        from finetune.qlora_chain import load_stacked
+
+        return load_stacked(section, adapter_dirs(run), device_map=device_map)
+    section.quantization = "none"
     model = modeling.load_model(section, device_map=device_map)
     dirs = adapter_dirs(run)
     for i, path in enumerate(dirs):

@@ -143,6 +143,14 @@ def _grouped_mm_ok(tensors, dims) -> bool:
     return all(t.data_ptr() % 16 == 0 for t in tensors)
 
 
+def _grouped_linear(experts, name, w, x, lora, groups, nf4: bool):
+    if nf4:  # the base weight exists only in NF4: dequantized per expert group, just in time
+        from finetune.qlora import nf4_grouped_linear
+
+        return nf4_grouped_linear(x, experts, name, lora, groups)
+    return _LoraGroupedLinear.apply(x, w, *(lora or (None, None, 1.0)), groups)
+
+
 def experts_forward(experts, hidden_states, top_k_index, top_k_weights, loras):
     """Mixtral-style fused experts with LoRA on activations.
 
@@ -161,7 +169,8 @@ def experts_forward(experts, hidden_states, top_k_index, top_k_weights, loras):
     offs = torch.cumsum(counts, 0, dtype=torch.int32)
     loras_used = [lo for lo in (lora1, lora2) if lo]
     dims = [w1.shape[1], w1.shape[2], w2.shape[1], w2.shape[2]] + [lo[0].shape[1] for lo in loras_used]
-    if _grouped_mm_ok([w1, w2] + [t for lo in loras_used for t in lo[:2]], dims):
+    nf4 = getattr(experts, "nf4", None) is not None  # 4-bit experts (finetune/qlora.py): a per-expert loop
+    if not nf4 and _grouped_mm_ok([w1, w2] + [t for lo in loras_used for t in lo[:2]], dims):
         bounds = None  # no host sync: the kernel reads the offsets on the device
     else:
         ends = offs.tolist()  # one host sync per layer, shared by forward and backward
@@ -170,9 +179,9 @@ def experts_forward(experts, hidden_states, top_k_index, top_k_weights, loras):
 
     with torch.autocast(device.type, enabled=False):  # compute in the weight dtype, like grouped_mm
         x = hidden_states.to(dtype)[perm // top_k]
-        h = _LoraGroupedLinear.apply(x, w1, *(lora1 or (None, None, 1.0)), groups)
+        h = _grouped_linear(experts, first, w1, x, lora1, groups, nf4)
         h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
-        y = _LoraGroupedLinear.apply(h, w2, *(lora2 or (None, None, 1.0)), groups)
+        y = _grouped_linear(experts, "down_proj", w2, h, lora2, groups, nf4)
         if getattr(experts, "has_post_expert_norm", False):
             y = experts.post_expert_norm(y)
         # routing weights are fp32 from the router: weight and sum in fp32, as transformers does
@@ -272,6 +281,8 @@ def _fast_forward(self, *args, **kwargs):
         if isinstance(plan, dict):
             return experts_forward(_chain(self)[1], *args, plan)
     if isinstance(plan, str):
+        if getattr(_chain(self)[1], "nf4", None) is not None:
+            raise RuntimeError(f"fast expert LoRA on 4-bit experts: {plan}, and the stock path cannot run on them")
         _warn_once(plan)
     return ParamWrapper.forward(self, *args, **kwargs)
 

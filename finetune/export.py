@@ -165,6 +165,16 @@ def export(run_dir: str, output: str, dtype: str = "bfloat16", max_shard_size: s
             "tokenizer": tokenizer_info, "end_of_turn_token": eot,
             "seconds": time.perf_counter() - started,
         }
+        if run.recipe.model.quantization == "nf4":
+            # a 4-bit (QLoRA) run merged into the original 16-bit base: compared with its 4-bit self too
+            from transformers import AutoModelForCausalLM
+
+            from finetune.qlora_chain import check_against_4bit
+
+            probe = probe_batch(tokenizer)
+            reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch_dtype).eval()
+            manifest.update(check_against_4bit(run, probe, chain.probe_logits(reloaded, probe)))
+            del reloaded
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         write_model_card(tmp, output.name, run, manifest)
         _swap_into_place(tmp, output)
@@ -176,4 +186,7 @@ def export(run_dir: str, output: str, dtype: str = "bfloat16", max_shard_size: s
           f"{checks['tensors']['max_relative_error']:.1e}, float32 merge vs chain {forward['merge_relative_error']:.1e}, "
           f"files byte-identical, logits vs merged-and-rounded {forward['files_relative_error']:.1e} ({forward['mode']}); "
           f"{dtype} rounding moves the logits by {forward['rounding_relative_error']:.1e} (relative, information)")
+    if "nf4_tolerance" in manifest:
+        print(f"  against the 4-bit chain it was trained as: {manifest['nf4_chain_relative_error']:.2e} <= "
+              f"{manifest['nf4_tolerance']:.2e} (2 x the base's own 4-bit vs 16-bit gap {manifest['nf4_base_gap']:.2e} + 1e-3)")
     return output

@@ -112,6 +112,12 @@ def plan_targets(section: LoraSection, router: RouterSection, model: nn.Module, 
         plan.router_lora = router.lora or ROUTER_LORA_DEFAULT
     elif router.lora is not None:
         problems.append(Problem("router.lora", "only used with router.policy: lora"))
+    # PEFT's ParamWrapper (target_parameters: the fused experts, the router LoRA) raises on any
+    # lora_dropout != 0, but only when the model is wrapped, after the weights are loaded.
+    uses_parameters = "experts" in plan.groups or plan.router_policy == "lora"
+    if isinstance(section.dropout, (int, float)) and section.dropout and uses_parameters:
+        problems.append(Problem("lora.dropout", f"{section.dropout} is not supported with expert or router LoRA "
+                                "(PEFT's target_parameters LoRA has no dropout); set lora.dropout: 0"))
     if not plan.groups and router.policy == "freeze":
         problems.append(Problem("lora", "every LoRA group is off and the router is frozen: nothing would train"))
     return plan, problems

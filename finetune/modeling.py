@@ -129,7 +129,12 @@ def _not_found(name: str) -> str:
 
 
 def load_model(section: ModelSection, device_map=None):
-    """The base model with real weights, in the recipe's dtype and attention kernel."""
+    """The base model with real weights, in the recipe's dtype and attention kernel (4-bit with
+    `model.quantization: nf4`, finetune/qlora.py)."""
+    if getattr(section, "quantization", "none") == "nf4":
+        from finetune.qlora import load_quantized
+
+        return load_quantized(section, device_map=device_map)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             section.name_or_path,

@@ -42,6 +42,8 @@ class ModelSection:
     """Run code shipped with a hub model. Off unless you trust the repository."""
     chat_template: str | None = None
     """Path to a .jinja file, or the template itself; default: the tokenizer's own."""
+    quantization: str = "none"
+    """none, or nf4: QLoRA, base weights in 4-bit NF4 (bitsandbytes) including the fused experts (finetune/qlora.py)."""
 
 
 @dataclass
@@ -223,6 +225,7 @@ def load_yaml(text: str):
 
 CHOICES = {
     "model.dtype": ["auto", "float32", "bfloat16", "float16"],
+    "model.quantization": ["none", "nf4"],
     "data.bad_rows": ["error", "drop"],
     "lora.expert_path": ["fast", "peft"],
     "router.policy": ["freeze", "train", "lora"],

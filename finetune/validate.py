@@ -235,8 +235,13 @@ def check(recipe: Recipe, stage: str | None = None) -> Checked:
     # the config takes the seed, max_length and the pass-through section: build it only when they are well-typed
     if passthrough_ok and not any(p.where.split(".")[0] in (stage, "seed", "data") for p in problems):
         _check_trainer_config(recipe, stage, problems)
+    own_model = recipe.model
     if stage == "dpo" and recipe.from_run:
         recipe = inherit_from_parent(recipe, problems)
+    if not any(p.where == "model.quantization" for p in recipe.problems):
+        from finetune.qlora import recipe_problems  # QLoRA's own checks (4-bit base, finetune/qlora.py)
+
+        problems.extend(recipe_problems(recipe, own_model if stage == "dpo" else None))
     config, plan, moe = None, Plan(), False
     if recipe.model.name_or_path:
         try:
@@ -254,6 +259,9 @@ def check(recipe: Recipe, stage: str | None = None) -> Checked:
         else:
             plan, target_problems = plan_targets(recipe.lora, recipe.router, model, moe)
             problems.extend(target_problems)
+            from finetune.qlora_chain import parameter_target_problems  # 4-bit DPO stacks adapters
+
+            problems.extend(parameter_target_problems(recipe, plan, model, moe))
     if problems:
         raise UserError(problems, title=f"{recipe.source or 'recipe'}: {len(problems)} problem(s)")
     return Checked(recipe=recipe, stage=stage, config=config, plan=plan, moe=moe)

@@ -16,8 +16,8 @@ from finetune.errors import UserError
 from finetune.recipe import read_recipe
 from finetune.validate import check
 
-SHIPPED_SFT = sorted((REPO / "recipes").glob("*/sft.yaml"))
-SHIPPED_DPO = sorted((REPO / "recipes").glob("*/dpo.yaml"))
+SHIPPED_SFT = sorted((REPO / "recipes").glob("*/sft*.yaml"))  # sft.yaml, sft-qlora.yaml, ...
+SHIPPED_DPO = sorted((REPO / "recipes").glob("*/dpo*.yaml"))  # each checked against its sft*.yaml twin
 
 
 def problems_of(path: Path, stage=None) -> list[str]:
@@ -26,7 +26,7 @@ def problems_of(path: Path, stage=None) -> list[str]:
     return [str(p) for p in info.value.problems]
 
 
-@pytest.mark.parametrize("path", SHIPPED_SFT, ids=lambda p: p.parent.name)
+@pytest.mark.parametrize("path", SHIPPED_SFT, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_shipped_sft_recipes_validate(path, monkeypatch):
     monkeypatch.chdir(REPO)
     checked = check(read_recipe(path.relative_to(REPO)))
@@ -34,17 +34,19 @@ def test_shipped_sft_recipes_validate(path, monkeypatch):
     assert set(checked.plan.groups) == {"attention", "experts"}
 
 
-@pytest.mark.parametrize("path", SHIPPED_DPO, ids=lambda p: p.parent.name)
+@pytest.mark.parametrize("path", SHIPPED_DPO, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_shipped_dpo_recipes_validate(path, tmp_path, monkeypatch):
     """A DPO recipe is checked against the SFT run it names; stand one up from the shipped SFT recipe."""
     monkeypatch.chdir(REPO)
-    sft = read_recipe(path.parent / "sft.yaml")
+    twin = path.parent / path.name.replace("dpo", "sft")
+    sft = read_recipe(twin)
     run = tmp_path / "sft-run"
     run.mkdir()
-    (run / "recipe.yaml").write_text((path.parent / "sft.yaml").read_text())
+    (run / "recipe.yaml").write_text(twin.read_text())
     (run / "chain.json").write_text(json.dumps([{"kind": "base", "model": sft.model.name_or_path}, {"kind": "sft", "run": str(run)}]))
     checked = check(read_recipe(path.relative_to(REPO), [f"from_run={run}"]))
     assert checked.stage == "dpo" and checked.recipe.model.name_or_path == sft.model.name_or_path
+    assert checked.recipe.model.quantization == sft.model.quantization
     assert set(checked.plan.groups) == {"attention", "experts"}
 
 
@@ -76,6 +78,24 @@ def test_expert_aliases_resolve_to_fused_parameters(tmp_path, tiny_mixtral, sft_
     recipe = sft_recipe(tmp_path, tiny_mixtral, sft_file, lora={"experts": {"targets": ["w1", "w3", "w2"]}})
     checked = check(read_recipe(recipe_file(tmp_path, **recipe)))
     assert checked.plan.groups["experts"].targets == ["gate_up_proj", "down_proj"]
+
+
+def test_dropout_with_expert_lora_is_refused_as_peft_would_at_wrap_time(tmp_path, tiny_mixtral, sft_file):
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from finetune.lora import lora_config
+
+    recipe = sft_recipe(tmp_path, tiny_mixtral, sft_file, lora={"dropout": 0.05})
+    problems = problems_of(recipe_file(tmp_path, **recipe))
+    assert any(p.startswith("lora.dropout: 0.05 is not supported with expert or router LoRA") for p in problems)
+    # the check mirrors PEFT: wrapping the fused experts with dropout fails there
+    attention_only = sft_recipe(tmp_path, tiny_mixtral, sft_file, lora={"dropout": 0.05, "experts": False})
+    checked = check(read_recipe(recipe_file(tmp_path, **attention_only)))
+    plan = checked.plan
+    plan.groups["experts"] = type(plan.groups["attention"])(r=4, alpha=8.0, targets=["gate_up_proj"])
+    with pytest.raises(ValueError, match="lora_dropout"):
+        get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_mixtral), lora_config(plan))
 
 
 def test_router_options_rejected_on_dense_model(tmp_path, tiny_mistral, sft_file):

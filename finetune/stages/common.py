@@ -202,7 +202,8 @@ def train_and_save(stage: str, trainer, tokenizer, rundir: rundirs.RunDir, recip
     if not trainer.is_world_process_zero():
         return None
     staging = rundir.staging
-    trainer.model.save_pretrained(staging, state_dict=state)
+    # only the trained adapter: a 4-bit DPO run also holds the frozen SFT adapter as `ref`
+    trainer.model.save_pretrained(staging, state_dict=state, selected_adapters=["default"])
     tokenizer.save_pretrained(staging)
     check_saved_adapter(staging, checked.config, recipe.model.trust_remote_code)
     write_adapter_card(staging, stage, parent_chain + [{"kind": stage, "run": str(rundir.out)}])

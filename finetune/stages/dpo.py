@@ -9,6 +9,8 @@ disabled, which is then exactly the SFT model. (Handing TRL the SFT PeftModel in
 copy the adapter into a "ref" adapter; the merged design is simpler to verify and keeps one
 adapter per stage, which export merges in order.) tests/test_dpo.py proves it: at the first
 step every implicit reward is 0, and the reference log-probs equal base + SFT adapter.
+On a 4-bit base (`model.quantization: nf4` in the SFT run) the SFT adapter cannot be merged, so
+it stays loaded as TRL's frozen "ref" adapter instead (finetune/qlora_chain.py).
 """
 
 from __future__ import annotations
@@ -35,6 +37,17 @@ def prepare_inputs(recipe: Recipe, aux_coef: float, parent: runs.Run):
     return tokenizer, train, eval_ds, report, args
 
 
+def load_start(parent: runs.Run, checked):
+    """The model DPO starts from: the merged SFT chain, or for a 4-bit run the bare 4-bit base
+    (the SFT adapter is stacked on it after TRL has wrapped the model)."""
+    if parent.recipe.model.quantization == "nf4":
+        from finetune import qlora_chain
+
+        return qlora_chain.load_base_for_dpo(parent)
+    # under FSDP2 only rank 0 merges the SFT chain; the others receive the merged weights
+    return distributed.load_base(lambda: chain.load_chain(parent), checked.config, parent.recipe.model)
+
+
 def build_trainer(recipe: Recipe, checked, aux_coef: float, parent: runs.Run, extra_callbacks=(), inputs=None,
                   model=None):
     """The DPOTrainer on the merged parent chain, and what went into it (tests use this directly)."""
@@ -42,8 +55,12 @@ def build_trainer(recipe: Recipe, checked, aux_coef: float, parent: runs.Run, ex
 
     tokenizer, train, eval_ds, report, args = inputs or prepare_inputs(recipe, aux_coef, parent)
     if model is None:
-        # under FSDP2 only rank 0 merges the SFT chain; the others receive the merged weights
-        model = distributed.load_base(lambda: chain.load_chain(parent), checked.config, parent.recipe.model)
+        model = load_start(parent, checked)
+    quantized = recipe.model.quantization == "nf4"
+    if quantized:
+        from finetune import qlora_chain
+
+        DPOTrainer = qlora_chain.stacked_reference_trainer_class()  # noqa: N806
     common.seed_everything(recipe.seed)
     common.announce_router(checked.plan, aux_coef)
     trainer = DPOTrainer(
@@ -56,6 +73,8 @@ def build_trainer(recipe: Recipe, checked, aux_coef: float, parent: runs.Run, ex
         peft_config=lora_config(checked.plan),
         callbacks=[NonFiniteGuard(), *extra_callbacks],
     )
+    if quantized:  # the SFT adapter as TRL's frozen "ref" adapter, stacked under the new one
+        qlora_chain.add_reference_adapter(trainer.model, chain.adapter_dirs(parent)[0])
     counts = common.finish_wrap(trainer, checked.plan, recipe.lora.expert_path)
     common.attach_routing_metrics(trainer, staging.RunDir(Path(recipe.output_dir), staging.staging_for(recipe)))
     return trainer, tokenizer, report, counts
@@ -70,10 +89,11 @@ def run_dpo(recipe: Recipe, overwrite: bool = False, callbacks=(), resume: bool 
     recipe.router.aux_loss_coef = aux_coef
     inputs = prepare_inputs(recipe, aux_coef, parent)  # trainer_args inside refuses a bad launch too
     rundir = staging.plan(recipe, overwrite, resume)
-    # checks every adapter of the chain against its sha256 first; under FSDP2 only rank 0 merges
-    model = distributed.load_base(lambda: chain.load_chain(parent), checked.config, parent.recipe.model)
+    model = load_start(parent, checked)  # checks every adapter of the chain against its sha256 first
 
     with staging.claimed(rundir, recipe):
         trainer, tokenizer, report, counts = build_trainer(recipe, checked, aux_coef, parent, callbacks, inputs, model)
+        reference = (f"SFT adapter of {parent.path} as frozen adapter `ref` on the 4-bit base"
+                     if recipe.model.quantization == "nf4" else f"SFT chain of {parent.path} merged (adapters disabled)")
         return common.train_and_save("dpo", trainer, tokenizer, rundir, recipe, checked, counts, report, parent.chain,
-                                     reference=f"SFT chain of {parent.path} merged (adapters disabled)")
+                                     reference=reference)
