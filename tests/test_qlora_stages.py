@@ -113,7 +113,8 @@ def test_export_of_4bit_run_merges_into_16bit_base(tmp_path, sft_run, tiny_mixtr
 
     out = export(str(sft_run), str(tmp_path / "export"), dtype="float32")
     manifest = json.loads((out / "export.json").read_text())
-    assert manifest["probe_relative_error"] <= 1e-4  # merged into the 16-bit weights, exactly
+    checks = manifest["checks"]  # merged into the 16-bit weights, exactly (streaming export's checks)
+    assert checks["tensors"]["max_relative_error"] <= 1e-5 and checks["forward"]["merge_relative_error"] <= 1e-4
     assert 0 < manifest["nf4_base_gap"] and manifest["nf4_chain_relative_error"] <= manifest["nf4_tolerance"]
     exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_mixtral, dtype=torch.float32), str(sft_run))
