@@ -37,7 +37,7 @@ def load_chain(run: runs.Run, dtype: str | None = None, keep_last: bool = False,
     compares its merged weights against). With a device_map the base is loaded onto its
     device(s) and PEFT puts each adapter beside the weights it changes, so merging happens there.
     A run trained on a 4-bit base (`quantized`, default: as the run was trained) loads that base
-    with the adapters stacked, unmerged (finetune/qlora_chain.py); quantized=False merges them
+    with the adapters stacked, unmerged (finetune/qlora/chain.py); quantized=False merges them
     into the 16-bit base instead (export).
     """
     runs.verify_adapters(run)  # before loading the base: a damaged chain fails in a second, by file name
@@ -47,7 +47,7 @@ def load_chain(run: runs.Run, dtype: str | None = None, keep_last: bool = False,
     if quantized is None:
         quantized = section.quantization == "nf4"
     if quantized:
-        from finetune.qlora_chain import load_stacked
+        from finetune.qlora.chain import load_stacked
 
         return load_stacked(section, adapter_dirs(run), device_map=device_map)
     section.quantization = "none"

@@ -191,7 +191,7 @@ def dispatch(args) -> int:
                forward_check=args.forward_check)
         return 0
     if args.command == "eval":
-        from finetune.evaluate import evaluate_cli
+        from finetune.eval.scores import evaluate_cli
 
         if args.output:
             check_output_path(args.output, "--output", directory=False)

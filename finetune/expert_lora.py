@@ -169,7 +169,7 @@ def experts_forward(experts, hidden_states, top_k_index, top_k_weights, loras):
     offs = torch.cumsum(counts, 0, dtype=torch.int32)
     loras_used = [lo for lo in (lora1, lora2) if lo]
     dims = [w1.shape[1], w1.shape[2], w2.shape[1], w2.shape[2]] + [lo[0].shape[1] for lo in loras_used]
-    nf4 = getattr(experts, "nf4", None) is not None  # 4-bit experts (finetune/qlora.py): a per-expert loop
+    nf4 = getattr(experts, "nf4", None) is not None  # 4-bit experts (finetune/qlora/__init__.py): a per-expert loop
     if not nf4 and _grouped_mm_ok([w1, w2] + [t for lo in loras_used for t in lo[:2]], dims):
         bounds = None  # no host sync: the kernel reads the offsets on the device
     else:

@@ -18,7 +18,7 @@ from pathlib import Path
 from finetune.chain import load_for_inference
 from finetune.errors import UserError
 from finetune.eval import passkey, report
-from finetune.evaluate import evaluate
+from finetune.eval.scores import evaluate
 from finetune.export import export
 from finetune.recipe import read_recipe
 from finetune.stages.dpo import run_dpo

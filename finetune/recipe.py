@@ -43,7 +43,7 @@ class ModelSection:
     chat_template: str | None = None
     """Path to a .jinja file, or the template itself; default: the tokenizer's own."""
     quantization: str = "none"
-    """none, or nf4: QLoRA, base weights in 4-bit NF4 (bitsandbytes) including the fused experts (finetune/qlora.py)."""
+    """none, or nf4: QLoRA, base weights in 4-bit NF4 (bitsandbytes) including the fused experts (finetune/qlora/__init__.py)."""
 
 
 @dataclass

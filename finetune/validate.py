@@ -239,7 +239,7 @@ def check(recipe: Recipe, stage: str | None = None) -> Checked:
     if stage == "dpo" and recipe.from_run:
         recipe = inherit_from_parent(recipe, problems)
     if not any(p.where == "model.quantization" for p in recipe.problems):
-        from finetune.qlora import recipe_problems  # QLoRA's own checks (4-bit base, finetune/qlora.py)
+        from finetune.qlora import recipe_problems  # QLoRA's own checks (4-bit base, finetune/qlora/__init__.py)
 
         problems.extend(recipe_problems(recipe, own_model if stage == "dpo" else None))
     config, plan, moe = None, Plan(), False
@@ -259,7 +259,7 @@ def check(recipe: Recipe, stage: str | None = None) -> Checked:
         else:
             plan, target_problems = plan_targets(recipe.lora, recipe.router, model, moe)
             problems.extend(target_problems)
-            from finetune.qlora_chain import parameter_target_problems  # 4-bit DPO stacks adapters
+            from finetune.qlora.chain import parameter_target_problems  # 4-bit DPO stacks adapters
 
             problems.extend(parameter_target_problems(recipe, plan, model, moe))
     if problems:

@@ -13,7 +13,8 @@ import torch
 from conftest import recipe_file, sft_recipe
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from finetune import chain, deltas, merge, runs, shards
+from finetune import chain, runs
+from finetune.export import deltas, merge, shards
 from finetune import export as export_mod
 from finetune.errors import CheckFailed, UserError
 from finetune.export import export
@@ -252,7 +253,7 @@ def test_exported_tokenizer_loads_with_a_class_4x_knows_and_same_ids(tmp_path):
 
     from finetune import modeling
     from finetune.recipe import ModelSection
-    from finetune.tokenizer_files import save_tokenizer
+    from finetune.export.tokenizer_files import save_tokenizer
 
     tok = modeling.load_tokenizer(ModelSection(name_or_path=str(TINY_MOE)))
     save_tokenizer(tok, tmp_path)
@@ -287,7 +288,7 @@ def _random_adapter_chain(tmp_path, tokenizer, layers=5):
 def test_truncated_forward_check_loads_first_middle_last_layers(tmp_path, tokenizer, monkeypatch):
     from safetensors.torch import load_file, save_file
 
-    from finetune import verify
+    from finetune.export import verify
 
     base, adapters = _random_adapter_chain(tmp_path, tokenizer)
     out = tmp_path / "out"

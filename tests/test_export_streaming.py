@@ -145,7 +145,7 @@ def test_streaming_export_peak_memory_is_a_fraction_of_the_model(tmp_path):
 
     out = tmp_path / "instruct"
     argv = ["-q", "export", str(dpo), "--output", str(out), "--max-shard-size", "100MB", "--forward-check", "truncated"]
-    imports = "from finetune.cli import main\nimport finetune.export, finetune.merge, finetune.verify, peft, transformers"
+    imports = "from finetune.cli import main\nimport finetune.export, finetune.export.merge, finetune.export.verify, peft, transformers"
     export = subprocess.run([sys.executable, "-c", PEAK.format(imports=imports, call=f"main({argv!r})")],
                             capture_output=True, text=True)
     assert export.returncode == 0, export.stderr[-3000:]

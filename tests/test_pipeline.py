@@ -10,7 +10,7 @@ import yaml
 from conftest import REPO, TINY_TASKS
 
 from finetune.chain import load_for_inference
-from finetune.evaluate import evaluate
+from finetune.eval.scores import evaluate
 from finetune.pipeline import run_pipeline
 
 # Measured on the exported DPO model (CPU): identical exact match (0.819), loss 1.0565 vs 1.0611 (4.4e-3).

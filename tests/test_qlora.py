@@ -1,4 +1,4 @@
-"""finetune/qlora.py: NF4 experts dequantize within NF4's error, and the 4-bit fast path equals a
+"""finetune/qlora/__init__.py: NF4 experts dequantize within NF4's error, and the 4-bit fast path equals a
 reference built from the dequantized weights (PEFT's stock path on 16-bit copies), forward and back.
 
 Run: `pytest tests/test_qlora.py` (CPU, offline, a few seconds).

@@ -15,7 +15,7 @@ from conftest import REPO, TINY_TASKS
 from finetune import qlora
 from finetune.chain import load_for_inference
 from finetune.data import read_rows
-from finetune.evaluate import exact_match
+from finetune.eval.scores import exact_match
 from finetune.export import export
 from finetune.modeling import load_tokenizer
 from finetune.recipe import ModelSection, read_recipe

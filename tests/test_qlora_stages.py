@@ -1,5 +1,5 @@
-"""QLoRA through both stages on a tiny Mixtral: SFT and DPO on a 4-bit base (finetune/qlora.py,
-finetune/qlora_chain.py). The DPO reference is base + SFT adapter (first-step rewards are 0),
+"""QLoRA through both stages on a tiny Mixtral: SFT and DPO on a 4-bit base (finetune/qlora/__init__.py,
+finetune/qlora/chain.py). The DPO reference is base + SFT adapter (first-step rewards are 0),
 the 4-bit base never changes, and the adapters load with plain PEFT on the unquantized base.
 
 Run: `pytest tests/test_qlora_stages.py`.

@@ -23,7 +23,7 @@ from transformers import TrainerCallback
 from finetune import cli
 from finetune.errors import UserError
 from finetune.recipe import read_recipe
-from finetune.resume import incomplete_reason, newest_checkpoint
+from finetune.runs.resume import incomplete_reason, newest_checkpoint
 from finetune.stages.dpo import run_dpo
 from finetune.stages.sft import run_sft
 

@@ -13,7 +13,7 @@ from conftest import make_pairs, make_rows, recipe_file, sft_recipe, write_jsonl
 from safetensors.torch import load_file, save_file
 
 from finetune import cli, runs
-from finetune.adapter_check import check_saved_adapter
+from finetune.runs.adapter_check import check_saved_adapter
 from finetune.errors import CheckFailed, UserError
 from finetune.export import export
 from finetune.recipe import read_recipe
@@ -129,7 +129,7 @@ def test_unwritable_parent_is_refused(tmp_path, tiny_mixtral, sft_file, capsys):
 
 def test_unwritable_parent_is_refused_as_root_too(tmp_path, tiny_mixtral, sft_file, monkeypatch, capsys):
     """root passes every permission check, so the check's answer is faked here (the path the code takes is real)."""
-    from finetune import outputs
+    from finetune.runs import outputs
 
     monkeypatch.setattr(outputs.os, "access", lambda path, mode: Path(path) != tmp_path)
     assert sft_cli(tmp_path, tiny_mixtral, sft_file, output_dir=str(tmp_path / "run")) == 2
@@ -274,7 +274,7 @@ def test_adapter_check_catches_empty_and_nan_tensors(runs_copy, tiny_mixtral):
 
 def test_empty_adapter_save_exits_1_and_run_is_not_finished(tmp_path, tiny_mixtral, sft_file, monkeypatch, capsys):
     """As DeepSpeed ZeRO-3 once did: every tensor of shape (0,), saved as a 'success'."""
-    from finetune import staging
+    from finetune.runs import staging
 
     monkeypatch.setattr(staging, "model_state_for_save",
                         lambda trainer: {k: torch.empty(0) for k in trainer.model.state_dict()})

@@ -7,5 +7,5 @@
 - passkey: retrieval of a key hidden at a depth of a filler text, by length x depth;
 - long_ppl: perplexity of the same later tokens as the context before them grows;
 - report: the JSON, Markdown and PNG files of both.
-Exact match, loss and preference accuracy stay in finetune/evaluate.py; `finetune eval` runs all.
+Exact match, loss and preference accuracy stay in finetune/eval/scores.py; `finetune eval` runs all.
 """

@@ -2,7 +2,7 @@
 
     finetune eval MODEL_OR_RUN --passkey --lengths 1k,2k --long-ppl FILE --contexts 512,1k --report-dir DIR
 
-Called by finetune.evaluate.evaluate_cli, which loads the model once for every requested check.
+Called by finetune.eval.scores.evaluate_cli, which loads the model once for every requested check.
 """
 
 from __future__ import annotations

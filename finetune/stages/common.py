@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 
-from finetune import distributed, modeling, staging as rundirs
-from finetune.adapter_check import check_saved_adapter
-from finetune.adapter_card import write_adapter_card
+from finetune import distributed, modeling
+from finetune.runs import staging as rundirs
+from finetune.runs.adapter_check import check_saved_adapter
+from finetune.export.adapter_card import write_adapter_card
 from finetune.errors import UserError
 from finetune.lora import Plan, trainable_by_group, verify_adapters
 from finetune.recipe import Recipe
@@ -27,7 +28,7 @@ log = logging.getLogger("finetune")
 # tests/test_sft.py checks the ranks that expert adapters actually get.
 warnings.filterwarnings("ignore", message=r"The following (rank|alpha)_pattern keys did not match")
 
-# Checkpoints for --resume (finetune/resume.py): every 100 optimizer steps (minutes to an hour of a
+# Checkpoints for --resume (finetune/runs/resume.py): every 100 optimizer steps (minutes to an hour of a
 # Mixtral-8x7B run), the newest 2 kept so a kill during a save still leaves one complete checkpoint.
 # A LoRA checkpoint is the adapter, its Adam moments and the RNG states: small next to the model.
 CHECKPOINTS = {"save_strategy": "steps", "save_steps": 100, "save_total_limit": 2}
@@ -67,7 +68,7 @@ def absolute(recipe: Recipe) -> Recipe:
 def trainer_args(recipe: Recipe, stage: str, staging: Path, aux_coef: float, has_eval: bool):
     """trl.SFTConfig / trl.DPOConfig: our defaults, then the recipe's pass-through section.
 
-    The Trainer's checkpoints go to the run's staging directory (finetune/staging.py)."""
+    The Trainer's checkpoints go to the run's staging directory (finetune/runs/staging.py)."""
     from trl import DPOConfig, SFTConfig
 
     distributed.require_deepspeed()
@@ -188,7 +189,7 @@ def train_and_save(stage: str, trainer, tokenizer, rundir: rundirs.RunDir, recip
 
     Runs inside rundirs.claimed(...): any failure leaves the previous run at output_dir untouched.
     """
-    from finetune.resume import RunTotalsCallback
+    from finetune.runs.resume import RunTotalsCallback
 
     totals = RunTotalsCallback(trainer)
     trainer.add_callback(totals)

@@ -10,7 +10,7 @@ copy the adapter into a "ref" adapter; the merged design is simpler to verify an
 adapter per stage, which export merges in order.) tests/test_dpo.py proves it: at the first
 step every implicit reward is 0, and the reference log-probs equal base + SFT adapter.
 On a 4-bit base (`model.quantization: nf4` in the SFT run) the SFT adapter cannot be merged, so
-it stays loaded as TRL's frozen "ref" adapter instead (finetune/qlora_chain.py).
+it stays loaded as TRL's frozen "ref" adapter instead (finetune/qlora/chain.py).
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from finetune import chain, distributed, modeling, runs, staging
+from finetune import chain, distributed, modeling, runs
+from finetune.runs import staging
 from finetune.data import build_datasets
 from finetune.guards import NonFiniteGuard
 from finetune.lora import lora_config
@@ -41,7 +42,7 @@ def load_start(parent: runs.Run, checked):
     """The model DPO starts from: the merged SFT chain, or for a 4-bit run the bare 4-bit base
     (the SFT adapter is stacked on it after TRL has wrapped the model)."""
     if parent.recipe.model.quantization == "nf4":
-        from finetune import qlora_chain
+        from finetune.qlora import chain as qlora_chain
 
         return qlora_chain.load_base_for_dpo(parent)
     # under FSDP2 only rank 0 merges the SFT chain; the others receive the merged weights
@@ -58,7 +59,7 @@ def build_trainer(recipe: Recipe, checked, aux_coef: float, parent: runs.Run, ex
         model = load_start(parent, checked)
     quantized = recipe.model.quantization == "nf4"
     if quantized:
-        from finetune import qlora_chain
+        from finetune.qlora import chain as qlora_chain
 
         DPOTrainer = qlora_chain.stacked_reference_trainer_class()  # noqa: N806
     common.seed_everything(recipe.seed)

@@ -3,16 +3,17 @@
     finetune sft recipes/tiny-moe/sft.yaml [--set sft.learning_rate=1e-4 ...] [--overwrite] [--resume]
     accelerate launch -m finetune sft recipes/mixtral-8x7b/sft.yaml   # several GPUs
 
-Writes the run directory described in finetune/runs.py. Everything that can fail on the inputs
+Writes the run directory described in finetune/runs/__init__.py. Everything that can fail on the inputs
 (recipe, data, trainer settings, output directory, model load) is checked before the staging
-directory is created (finetune/staging.py).
+directory is created (finetune/runs/staging.py).
 """
 
 from __future__ import annotations
 
 import logging
 
-from finetune import distributed, modeling, staging
+from finetune import distributed, modeling
+from finetune.runs import staging
 from finetune.data import build_datasets
 from finetune.guards import NonFiniteGuard
 from finetune.lora import lora_config

@@ -1,6 +1,6 @@
 """Safetensors checkpoints read and written one tensor at a time.
 
-    finetune export RUN --output DIR   (finetune/merge.py reads the base and writes the export here)
+    finetune export RUN --output DIR   (finetune/export/merge.py reads the base and writes the export here)
 
 Reading: a local checkpoint directory or a hub id already in the local hub cache (offline),
 single-file or sharded with model.safetensors.index.json. Writing: shards planned up front from

@@ -1,6 +1,6 @@
 """The exported tokenizer files: loadable by transformers 4.x and 5.x, and read right by llama.cpp.
 
-    finetune export RUN --output DIR   (finetune/export.py calls save_tokenizer)
+    finetune export RUN --output DIR   (finetune/export/__init__.py calls save_tokenizer)
 
 transformers 5 saves `"tokenizer_class": "TokenizersBackend"`, a class only 5.x knows; tools pinned
 to 4.x (llama.cpp's converter among them) fail on it. `PreTrainedTokenizerFast` is the class both

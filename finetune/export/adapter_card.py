@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from finetune.model_card import hub_id
+from finetune.export.model_card import hub_id
 
 
 def plain_peft_recipe(chain: list[dict]) -> list[str]:

@@ -1,6 +1,6 @@
 """Checks of a streamed export: independent deltas, the written bytes, and logits on a probe batch.
 
-    finetune export RUN --output DIR [--forward-check auto|full|truncated]   (finetune/export.py)
+    finetune export RUN --output DIR [--forward-check auto|full|truncated]   (finetune/export/__init__.py)
 
 Three separate questions, so that a correct bfloat16 export is never failed for bfloat16's own
 rounding (which a single "merged vs chain" logit tolerance mixed in):
@@ -26,7 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from finetune import deltas, shards
+from finetune.export import deltas, shards
 from finetune.errors import CheckFailed
 
 # Relative logit error, max|a - b| / max|b|, allowed in the forward checks. Both compare models
@@ -109,7 +109,7 @@ def _layer_map(layers: list[int]):
 
 def truncate_checkpoint(src: Path, layers: list[int], dst: Path) -> Path:
     """A copy of the checkpoint with only the given decoder layers (renumbered 0..k-1), copied
-    tensor by tensor (finetune/shards.py's writer), so the copy never sits in memory."""
+    tensor by tensor (finetune/export/shards.py's writer), so the copy never sits in memory."""
     rename = _layer_map(layers)
     dst.mkdir(parents=True)
     specs = shards.tensor_specs(shards.shard_files(src))

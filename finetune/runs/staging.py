@@ -21,10 +21,11 @@ from pathlib import Path
 
 import yaml
 
-from finetune import outputs, runs
+from finetune import runs
+from finetune.runs import outputs
 from finetune.errors import CheckFailed, UserError
 from finetune.recipe import Recipe, recipe_to_dict
-from finetune.resume import newest_checkpoint
+from finetune.runs.resume import newest_checkpoint
 
 log = logging.getLogger("finetune")
 
@@ -108,7 +109,7 @@ def claim(rundir: RunDir, recipe: Recipe) -> None:
             rundir.staging.mkdir(parents=True)
         except OSError as exc:
             raise UserError(f"output_dir {rundir.out}: cannot create {rundir.staging} ({exc.strerror})") from None
-        (rundir.staging / outputs.MARKER).write_text("an unfinished finetune run; see finetune/staging.py\n")
+        (rundir.staging / outputs.MARKER).write_text("an unfinished finetune run; see finetune/runs/staging.py\n")
         (rundir.staging / START_RECIPE).write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
     PartialState().wait_for_everyone()
 

@@ -3,13 +3,13 @@
     finetune export runs/tiny-moe/dpo --output exports/tiny-moe-instruct [--dtype bfloat16]
         [--max-shard-size 5GB] [--forward-check auto|full|truncated]
 
-The base checkpoint is merged shard by shard (finetune/merge.py), so the export needs memory for
+The base checkpoint is merged shard by shard (finetune/export/merge.py), so the export needs memory for
 about one base shard plus the largest adapted parameter, not the model. The output is what
 transformers itself writes (sharded safetensors with the index; for Mixtral the per-expert
 `block_sparse_moe.experts.N.w1/w2/w3` keys), config, the tokenizer with its chat template in a
 class transformers 4.x and 5.x both load, a generation_config whose EOS is the template's
 end-of-turn token, export.json and a model card. Before the output appears it is verified
-(finetune/verify.py): every merged tensor against PEFT's own deltas, the written bytes against
+(finetune/export/verify.py): every merged tensor against PEFT's own deltas, the written bytes against
 the merged tensors, and logits on a probe batch (whole model, or first/middle/last decoder layers
 when it does not fit in memory). Everything is written to a temporary sibling directory and
 renamed into place, so a failed or interrupted export leaves nothing under --output and running
@@ -29,11 +29,12 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig
 
-from finetune import chain, merge, modeling, runs, shards, verify
+from finetune import chain, modeling, runs
+from finetune.export import merge, shards, verify
 from finetune.errors import UserError
-from finetune.model_card import write_model_card
+from finetune.export.model_card import write_model_card
 from finetune.recipe import ModelSection
-from finetune.tokenizer_files import save_tokenizer
+from finetune.export.tokenizer_files import save_tokenizer
 
 log = logging.getLogger("finetune")
 
@@ -63,8 +64,8 @@ def probe_batch(tokenizer, length: int = 32) -> torch.Tensor:
 
 def _check_destination(output: str | Path, overwrite: bool, run: runs.Run) -> Path:
     """The resolved --output, or a UserError: never the run, its chain, the base model, nor inside them
-    (finetune/outputs.py); --overwrite replaces only a previous export."""
-    from finetune.outputs import check_destination
+    (finetune/runs/outputs.py); --overwrite replaces only a previous export."""
+    from finetune.runs.outputs import check_destination
 
     protected = {"the run being exported": run.path}
     protected.update({f"the run {link['run']} of its chain": link["run"] for link in run.chain[1:]})
@@ -169,7 +170,7 @@ def export(run_dir: str, output: str, dtype: str = "bfloat16", max_shard_size: s
             # a 4-bit (QLoRA) run merged into the original 16-bit base: compared with its 4-bit self too
             from transformers import AutoModelForCausalLM
 
-            from finetune.qlora_chain import check_against_4bit
+            from finetune.qlora.chain import check_against_4bit
 
             probe = probe_batch(tokenizer)
             reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch_dtype).eval()

@@ -1,9 +1,9 @@
 """Streaming merge: base checkpoint shards + a chain of LoRA adapters -> merged safetensors shards.
 
-    finetune export RUN --output DIR [--dtype bfloat16] [--max-shard-size 5GB]   (finetune/export.py)
+    finetune export RUN --output DIR [--dtype bfloat16] [--max-shard-size 5GB]   (finetune/export/__init__.py)
 
 The base checkpoint is read one shard at a time, tensor by tensor. Each tensor the chain adapts
-gets the chain's terms (finetune/deltas.py) in float32 and is rounded once to the output dtype;
+gets the chain's terms (finetune/export/deltas.py) in float32 and is rounded once to the output dtype;
 the others are only cast. Deltas are computed in the model's layout (Mixtral's fused
 `mlp.experts.gate_up_proj`) and mapped to the on-disk layout (`block_sparse_moe.experts.N.w1`
 and `w3`) with transformers' own reverse weight conversion, the one `save_pretrained` uses, so
@@ -11,7 +11,7 @@ the written keys are the ones transformers itself saves and other MoE families n
 A parameter's delta is built when its first on-disk tensor comes and dropped after its last, so
 peak memory is about one base shard (memory-mapped) plus the largest adapted parameter's delta,
 whatever the model's size. With `reference`, every adapted tensor is also computed through an
-independent route (finetune/verify.py: PEFT's own delta code) and compared before it is written.
+independent route (finetune/export/verify.py: PEFT's own delta code) and compared before it is written.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from safetensors import safe_open
 from transformers import AutoConfig
 from transformers.core_model_loading import revert_weight_conversion
 
-from finetune import deltas, modeling, shards
+from finetune import modeling
+from finetune.export import deltas, shards
 from finetune.errors import CheckFailed, UserError
 
 log = logging.getLogger("finetune")

@@ -1,6 +1,6 @@
 """The model card (README.md) of an exported checkpoint: base model, data, recipes, checks, usage.
 
-Written by finetune/export.py (`finetune export RUN --output DIR`); a person reading the exported
+Written by finetune/export/__init__.py (`finetune export RUN --output DIR`); a person reading the exported
 directory learns where it came from, and its snippet runs as written with transformers 4.x and 5.x.
 """
 

@@ -1,6 +1,6 @@
 """The weight changes a chain of LoRA adapters makes, read from the adapter files alone.
 
-    finetune export RUN --output DIR   (finetune/merge.py applies these to the base shards)
+    finetune export RUN --output DIR   (finetune/export/merge.py applies these to the base shards)
 
 No base weights are loaded: PEFT injects the adapter's structure into the model built on the meta
 device (so module names, the parameter each wrapper adapts, and the scaling with rank_pattern and

@@ -9,7 +9,7 @@
       chain.json           base model -> SFT run -> DPO run, so export can rebuild the model
 
 A run directory is complete only when chain.json exists: it is written last, and the directory
-is renamed into place only after that (finetune/outputs.py). chain.json is a list, oldest first:
+is renamed into place only after that (finetune/runs/outputs.py). chain.json is a list, oldest first:
 [{"kind": "base", "model": ...}, {"kind": "sft", "run": "../sft", "sha256": ...}, {"kind": "dpo",
 "run": ".", "sha256": ...}]. Runs are named relative to the run holding the chain when they sit
 side by side (same parent directory), absolute otherwise, so `cp -r runs runs2` or `mv` gives a
@@ -27,7 +27,7 @@ from pathlib import Path
 import yaml
 
 from finetune.errors import Problem, UserError
-from finetune.outputs import staging_dir
+from finetune.runs.outputs import staging_dir
 from finetune.recipe import Recipe, recipe_from_dict, recipe_to_dict
 
 ADAPTER_FILE = "adapter_model.safetensors"
