@@ -13,7 +13,6 @@ generator seeded by (seed, length, depth, trial), so a grid is the same on every
 
 from __future__ import annotations
 
-import bisect
 import random
 
 import torch

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import secrets
 import shutil
 import time
@@ -30,11 +29,12 @@ import torch
 from transformers import GenerationConfig
 
 from finetune import chain, modeling, runs
-from finetune.export import merge, shards, verify
 from finetune.errors import UserError
+from finetune.export import merge, shards, verify
 from finetune.export.model_card import write_model_card
-from finetune.recipe import ModelSection
 from finetune.export.tokenizer_files import save_tokenizer
+from finetune.recipe import ModelSection
+from finetune.runs.outputs import check_destination, swap_into_place
 
 log = logging.getLogger("finetune")
 
@@ -65,24 +65,12 @@ def probe_batch(tokenizer, length: int = 32) -> torch.Tensor:
 def _check_destination(output: str | Path, overwrite: bool, run: runs.Run) -> Path:
     """The resolved --output, or a UserError: never the run, its chain, the base model, nor inside them
     (finetune/runs/outputs.py); --overwrite replaces only a previous export."""
-    from finetune.runs.outputs import check_destination
 
     protected = {"the run being exported": run.path}
     protected.update({f"the run {link['run']} of its chain": link["run"] for link in run.chain[1:]})
     if Path(run.chain[0]["model"]).exists():
         protected["the base model"] = run.chain[0]["model"]
     return check_destination(output, "export", overwrite, protected, what="--output")
-
-
-def _swap_into_place(tmp: Path, output: Path) -> None:
-    """Rename tmp to output; an existing export is moved aside first and removed after."""
-    old = None
-    if output.exists():
-        old = output.with_name(f".{output.name}.old-{os.getpid()}")
-        output.rename(old)
-    tmp.rename(output)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _make_tmp(output: Path) -> Path:
@@ -178,7 +166,7 @@ def export(run_dir: str, output: str, dtype: str = "bfloat16", max_shard_size: s
             del reloaded
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         write_model_card(tmp, output.name, run, manifest)
-        _swap_into_place(tmp, output)
+        swap_into_place(tmp, output)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -58,13 +58,14 @@ def build_trainer(recipe: Recipe, checked, aux_coef: float, parent: runs.Run, ex
     if model is None:
         model = load_start(parent, checked)
     quantized = recipe.model.quantization == "nf4"
+    trainer_class = DPOTrainer
     if quantized:
         from finetune.qlora import chain as qlora_chain
 
-        DPOTrainer = qlora_chain.stacked_reference_trainer_class()  # noqa: N806
+        trainer_class = qlora_chain.stacked_reference_trainer_class()
     common.seed_everything(recipe.seed)
     common.announce_router(checked.plan, aux_coef)
-    trainer = DPOTrainer(
+    trainer = trainer_class(
         model=model,
         ref_model=None,
         args=args,
