@@ -23,6 +23,11 @@ WATCHED = ("loss", "grad_norm", "eval_loss", "aux_loss")
 HINT = "lower the learning rate, check lora alpha and the data, or use float32"
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a sharded (DTensor) tensor; the tensor itself otherwise."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
 class NonFiniteGuard(TrainerCallback):
     """Raise CheckFailed when the gradients of the step about to be taken, or a logged loss or
     gradient norm, are NaN or infinite."""
@@ -35,8 +40,10 @@ class NonFiniteGuard(TrainerCallback):
             # fp16 mixed precision: inf gradients are normal overflow, the GradScaler skips the
             # step and lowers its scale; stopping there would end healthy runs
             return
-        grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
-        device = grads[0].device if grads else next(model.parameters()).device
+        # FSDP2: each rank checks its own shard of every gradient (the all-reduce below covers
+        # the others); a norm over DTensors would itself be a DTensor that c10d cannot reduce.
+        grads = [_local(p.grad) for p in model.parameters() if p.requires_grad and p.grad is not None]
+        device = grads[0].device if grads else _local(next(model.parameters())).device
         bad = torch.zeros((), device=device)
         if grads:
             # one reduction and one host sync per step, whatever the number of LoRA tensors

@@ -105,7 +105,14 @@ def test_half_written_checkpoint_is_skipped(tmp_path, tiny_mixtral, sft_file):
 
 # ---- kill -9 of real processes (slow) ----
 
-def _command(nproc: int, recipe: Path, *extra: str) -> list[str]:
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _command(nproc, recipe: Path, *extra: str) -> list[str]:
+    if nproc == "fsdp2":  # 2 CPU processes under accelerate's FSDP2 config, through the tests' shim
+        return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--config_file",
+                str(REPO / "recipes" / "accelerate" / "fsdp2.yaml"), "--mixed_precision", "no",
+                str(REPO / "tests" / "cpu_launch.py"), "-q", "sft", str(recipe), *extra]
     if nproc == 1:
         return [sys.executable, "-m", "finetune", "-q", "sft", str(recipe), *extra]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
@@ -113,9 +120,13 @@ def _command(nproc: int, recipe: Path, *extra: str) -> list[str]:
 
 
 def _run(cmd, cwd) -> None:
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env=_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _env() -> dict:
+    # the shim and its subprocesses import finetune from this checkout
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
 
 
 def _wait_gone(pid: int) -> None:
@@ -127,16 +138,17 @@ def _wait_gone(pid: int) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("nproc", [1, 2])
+@pytest.mark.parametrize("nproc", [1, 2, "fsdp2"])
 def test_kill_9_then_resume_gives_identical_adapter(tmp_path, tiny_mixtral, sft_file, nproc):
-    sft = {"max_steps": 40, "save_steps": 5, "logging_steps": 5, "per_device_train_batch_size": 4 // nproc}
+    ranks = 2 if nproc == "fsdp2" else nproc
+    sft = {"max_steps": 40, "save_steps": 5, "logging_steps": 5, "per_device_train_batch_size": 4 // ranks}
     recipe = {name: recipe_file(tmp_path, f"{name}.yaml", **sft_recipe(
         tmp_path, tiny_mixtral, sft_file, output_dir=str(tmp_path / name), sft=sft)) for name in ("whole", "cut")}
     _run(_command(nproc, recipe["whole"]), tmp_path)
 
     checkpoints = tmp_path / ".cut.incomplete" / "checkpoints"
     proc = subprocess.Popen(_command(nproc, recipe["cut"]), cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
     deadline = time.time() + 300
     while newest_checkpoint(checkpoints) is None and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -156,7 +168,7 @@ def test_kill_9_then_resume_gives_identical_adapter(tmp_path, tiny_mixtral, sft_
     assert (cut / "adapter_model.safetensors").read_bytes() == (whole / "adapter_model.safetensors").read_bytes()
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (whole, cut))
     assert b["resumed_from"] is not None and b["tokens_seen"] == a["tokens_seen"]
-    assert b["world_size"] == nproc
+    assert b["world_size"] == ranks
 
 
 def test_dpo_interrupted_then_resumed_equals_uninterrupted(tmp_path, tiny_mixtral, sft_file, pref_file):

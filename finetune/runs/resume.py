@@ -37,7 +37,18 @@ def incomplete_reason(ckpt: Path) -> str | None:
         return "trainer state does not match the checkpoint"
     world = int(totals.get("world_size", 1))
     rng = ["rng_state.pth"] if world == 1 else [f"rng_state_{i}.pth" for i in range(world)]
-    for name in ["adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt", *rng]:
+    if (ckpt / "pytorch_model_fsdp_0").is_dir():
+        # FSDP2 with a sharded state dict: the Trainer saves model and optimizer as distributed
+        # checkpoints (one .distcp file per rank, .metadata written last), not the PEFT files.
+        for folder in ("pytorch_model_fsdp_0", "optimizer_0"):
+            parts = [ckpt / folder / ".metadata", *[ckpt / folder / f"__{i}_0.distcp" for i in range(world)]]
+            missing = [p for p in parts if not p.is_file() or p.stat().st_size == 0]
+            if missing:
+                return f"{folder}/{missing[0].name} missing"
+        files = ["scheduler.pt", *rng]
+    else:
+        files = ["adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt", *rng]
+    for name in files:
         f = ckpt / name
         if not f.is_file() or f.stat().st_size == 0:
             return f"{name} missing"
