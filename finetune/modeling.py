@@ -111,8 +111,14 @@ def is_moe(config) -> bool:
 
 def meta_model(config, trust_remote_code: bool = False):
     """The model's module tree on the meta device: names and shapes, no storage."""
+    # Under ZeRO-3 transformers builds every model inside deepspeed.zero.Init, which partitions it
+    # with collectives: a meta model (names and shapes; the saved-adapter check builds one on rank
+    # 0 alone) must not be, or that rank waits for the others forever. set_zero3_state marks
+    # zero.Init as already entered, so transformers skips it.
+    from transformers.modeling_utils import set_zero3_state
+
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), set_zero3_state():
             return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except ValueError as exc:  # e.g. an architecture transformers has no causal-LM class for
         raise UserError(f"model.name_or_path: cannot build a causal LM from this config: {exc}") from None
