@@ -56,8 +56,27 @@ def test_data_files_have_the_documented_forms():
 
 @pytest.mark.slow
 def test_build_script_reproduces_the_committed_weights():
-    """model/build_tiny_moe.py --check retrains from its seed and compares the sha256 (minutes on 2 cores)."""
+    """model/build_tiny_moe.py --check retrains from its seed and compares every tensor bit for bit
+    (and the file's sha256, which a newer safetensors/transformers header can change alone); minutes on 2 cores."""
     proc = subprocess.run([sys.executable, str(TINY_MOE.parent / "build_tiny_moe.py"), "--check"],
                           capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "bit-for-bit identical" in proc.stdout + proc.stderr
+
+
+def test_check_compares_tensors_bit_for_bit(tmp_path):
+    import importlib.util
+
+    from safetensors.torch import save_file
+
+    spec = importlib.util.spec_from_file_location("build_tiny_moe", TINY_MOE.parent / "build_tiny_moe.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    a = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(3)}
+    save_file(a, tmp_path / "a.safetensors")
+    save_file(a, tmp_path / "same.safetensors", metadata={"format": "pt"})  # other header, same tensors
+    off = a["w"].clone()
+    off[1, 2] = torch.nextafter(off[1, 2], torch.tensor(10.0))  # one ulp in one element
+    save_file({**a, "w": off}, tmp_path / "off.safetensors")
+    assert build.differing_tensors(tmp_path / "a.safetensors", tmp_path / "same.safetensors") == []
+    assert [d.split(":")[0] for d in build.differing_tensors(tmp_path / "a.safetensors", tmp_path / "off.safetensors")] == ["w"]

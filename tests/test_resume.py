@@ -109,6 +109,12 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _command(nproc, recipe: Path, *extra: str) -> list[str]:
+    if nproc == "zero3":  # 2 CPU processes under DeepSpeed ZeRO-3 (tests/test_distributed.py's config)
+        from test_distributed import zero3_test_config
+
+        return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--config_file",
+                str(zero3_test_config(recipe.parent)), str(REPO / "tests" / "cpu_launch.py"), "-q", "sft",
+                str(recipe), *extra]
     if nproc == "fsdp2":  # 2 CPU processes under accelerate's FSDP2 config, through the tests' shim
         return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--config_file",
                 str(REPO / "recipes" / "accelerate" / "fsdp2.yaml"), "--mixed_precision", "no",
@@ -138,9 +144,9 @@ def _wait_gone(pid: int) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("nproc", [1, 2, "fsdp2"])
+@pytest.mark.parametrize("nproc", [1, 2, "fsdp2", "zero3"])
 def test_kill_9_then_resume_gives_identical_adapter(tmp_path, tiny_mixtral, sft_file, nproc):
-    ranks = 2 if nproc == "fsdp2" else nproc
+    ranks = nproc if isinstance(nproc, int) else 2
     sft = {"max_steps": 40, "save_steps": 5, "logging_steps": 5, "per_device_train_batch_size": 4 // ranks}
     recipe = {name: recipe_file(tmp_path, f"{name}.yaml", **sft_recipe(
         tmp_path, tiny_mixtral, sft_file, output_dir=str(tmp_path / name), sft=sft)) for name in ("whole", "cut")}

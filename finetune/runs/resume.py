@@ -46,6 +46,12 @@ def incomplete_reason(ckpt: Path) -> str | None:
             if missing:
                 return f"{folder}/{missing[0].name} missing"
         files = ["scheduler.pt", *rng]
+    elif (ckpt / "latest").is_file():
+        # DeepSpeed: the Trainer writes the gathered adapter and DeepSpeed's own partitioned model
+        # and optimizer states (one file per rank in the directory that `latest` names)
+        tag = (ckpt / "latest").read_text().strip()
+        files = ["adapter_model.safetensors", "adapter_config.json", "scheduler.pt", *rng,
+                 *[f"{tag}/zero_pp_rank_{i}_mp_rank_00_{kind}_states.pt" for i in range(world) for kind in ("model", "optim")]]
     else:
         files = ["adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt", *rng]
     for name in files:
