@@ -56,12 +56,15 @@ def test_data_files_have_the_documented_forms():
 
 @pytest.mark.slow
 def test_build_script_reproduces_the_committed_weights():
-    """model/build_tiny_moe.py --check retrains from its seed and compares every tensor bit for bit
-    (and the file's sha256, which a newer safetensors/transformers header can change alone); minutes on 2 cores."""
+    """model/build_tiny_moe.py --check retrains from its seed and compares every tensor bit for bit; on
+    another CPU type (other float summation order) it requires the committed model's final loss within 2%
+    instead. Minutes on 2 cores."""
     proc = subprocess.run([sys.executable, str(TINY_MOE.parent / "build_tiny_moe.py"), "--check"],
                           capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "bit-for-bit identical" in proc.stdout + proc.stderr
+    out = proc.stdout + proc.stderr
+    # bit for bit on the machine that built it; elsewhere the same quality (see the script's --check)
+    assert "bit-for-bit identical" in out or "OK: equivalent rebuild" in out
 
 
 def test_check_compares_tensors_bit_for_bit(tmp_path):
