@@ -38,8 +38,9 @@ def parse_lengths(text: str, flag: str) -> list[int]:
     return out
 
 
-def _write(path: Path, data: bytes | str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Write beside and rename: a reader never sees a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(data.encode() if isinstance(data, str) else data)
     os.replace(tmp, path)
 
@@ -95,8 +96,8 @@ def ppl_plot(results: dict, path: Path, title: str) -> None:
 def write_passkey(results: dict, out: Path, name: str) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     files = [out / "passkey.json", out / "passkey.md", out / "passkey.png"]
-    _write(files[0], json.dumps({"model": name, **results}, indent=2))
-    _write(files[1], passkey.markdown(results, name))
+    write_atomic(files[0], json.dumps({"model": name, **results}, indent=2))
+    write_atomic(files[1], passkey.markdown(results, name))
     passkey_heatmap(results, files[2], f"passkey retrieval: {name}")
     return files
 
@@ -104,7 +105,7 @@ def write_passkey(results: dict, out: Path, name: str) -> list[Path]:
 def write_long_ppl(results: dict, out: Path, name: str, source: str) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     files = [out / "long_ppl.json", out / "long_ppl.md", out / "long_ppl.png"]
-    _write(files[0], json.dumps({"model": name, "text": source, **results}, indent=2))
-    _write(files[1], long_ppl.markdown(results, name, source))
+    write_atomic(files[0], json.dumps({"model": name, "text": source, **results}, indent=2))
+    write_atomic(files[1], long_ppl.markdown(results, name, source))
     ppl_plot(results, files[2], f"perplexity by context: {name}")
     return files

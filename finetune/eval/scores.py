@@ -177,10 +177,10 @@ def evaluate_cli(args) -> int:
         results = evaluate(model, tokenizer, args.data, args.max_new_tokens, args.batch_size)
         print(format_table(args.model, results))
         if args.output:  # cli.check_output_path has refused paths we could not or should not write
+            from finetune.eval.report import write_atomic
+
             out = Path(args.output)
             out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_name(f".{out.name}.tmp")  # write beside and rename: never a half-written file
-            tmp.write_text(json.dumps({"model": args.model, "results": results}, indent=2))
-            tmp.replace(out)
+            write_atomic(out, json.dumps({"model": args.model, "results": results}, indent=2))
     long_context.run(model, tokenizer, args, plan)
     return 0
