@@ -210,7 +210,9 @@ def train_and_save(stage: str, trainer, tokenizer, rundir: rundirs.RunDir, recip
     write_adapter_card(staging, stage, parent_chain + [{"kind": stage, "run": str(rundir.out)}])
     metrics = {
         "stage": stage,
-        "seconds": timer.seconds,
+        # a resumed run: its whole training time, the sessions before included (to their checkpoint)
+        "seconds": timer.seconds + totals.seconds_before,
+        "seconds_before_resume": totals.seconds_before if rundir.resume_from else None,
         "world_size": trainer.args.world_size,
         "trainable_parameters": counts,
         "tokens_seen": int(getattr(trainer, "_total_train_tokens", 0)),
