@@ -339,3 +339,18 @@ def test_expert_boxes_follow_transformers_layout():
                        **{key.format(e, "w3"): deltas.ExpertBox(e, (96, 192), (0, 64)) for e in range(4)}}
     assert down == {key.format(e, "w2"): deltas.ExpertBox(e, (0, 64), (0, 96)) for e in range(4)}
     assert merge.expert_boxes(meta, "model.layers.0.self_attn.q_proj.weight", (64, 64)) is None
+
+
+def test_truncated_check_keeps_fewer_layers_when_three_exceed_two_shards(tmp_path, tokenizer):
+    """One float32 layer of this model is 86.8 KB: three fit twice a single-file checkpoint, two
+    (first, last) fit twice a 121 KB shard, and with 39 KB shards one layer (the last) is kept."""
+    from transformers import AutoModelForCausalLM
+
+    from finetune.export import verify
+
+    base, _ = _random_adapter_chain(tmp_path, tokenizer)
+    assert verify.truncated_layers(base, 5) == [0, 2, 4]
+    model = AutoModelForCausalLM.from_pretrained(base)
+    for shard, kept in (("120KB", [0, 4]), ("40KB", [4])):
+        model.save_pretrained(tmp_path / shard, max_shard_size=shard)
+        assert verify.truncated_layers(tmp_path / shard, 5) == kept
