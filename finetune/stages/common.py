@@ -40,6 +40,18 @@ STAGE_DEFAULTS = {
 }
 
 
+def resolved_recipe(recipe: Recipe, stage: str):
+    """(checked, recipe as the run records it): validated, local paths absolute, and the router
+    aux-loss coefficient actually used. What run_sft/run_dpo train with, and what `pipeline
+    --resume` compares a finished run's recipe.yaml with."""
+    from finetune.validate import check
+
+    checked = check(recipe, stage)
+    out = absolute(checked.recipe)
+    out.router.aux_loss_coef = resolve_aux_coef(out, checked.config)
+    return checked, out
+
+
 def resolve_aux_coef(recipe: Recipe, config) -> float:
     """The router aux-loss coefficient: the recipe's, else the model config's, else 0 (dense)."""
     if recipe.router.aux_loss_coef is not None:
