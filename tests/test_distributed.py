@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import REPO, recipe_file, sft_recipe
 from safetensors.torch import load_file
@@ -240,3 +241,32 @@ def test_fsdp2_config_that_accelerate_ignores_is_refused(tmp_path, tiny_mixtral,
     assert "the accelerate config asks for fsdp2 but accelerate runs MULTI_CPU" in proc.stderr
     assert "SFT finished" not in proc.stdout
     assert not (tmp_path / "sft-run" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["lora", "train"])
+def test_fsdp2_router_policies_equal_single_process(tmp_path, tiny_mixtral, sft_file, policy):
+    """A router trained with LoRA or in full (modules_to_save) shards, trains and saves under
+    FSDP2 as in one process: the saved adapter (router included) agrees within RTOL."""
+    from finetune.stages.sft import run_sft
+
+    router = {"policy": policy, **({"lora": {"r": 2, "alpha": 4}} if policy == "lora" else {})}
+    (tmp_path / "one").mkdir()
+    one = sft_recipe(tmp_path / "one", tiny_mixtral, sft_file, router=router,
+                     sft={"max_steps": 2, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2})
+    single = run_sft(read_recipe(recipe_file(tmp_path / "one", "sft.yaml", **one)))
+    two = recipe_file(tmp_path, "sft.yaml", **sft_recipe(tmp_path, tiny_mixtral, sft_file, router=router,
+                                                         sft={"max_steps": 2, "per_device_train_batch_size": 2}))
+    log = output(ok(launch(tmp_path, "fsdp2", "sft", str(two), shim=True)))
+    sharded_checks(log, "sft")
+    saved = load_file(tmp_path / "sft-run" / "adapter_model.safetensors")
+    router_keys = [k for k in saved if ".mlp.gate." in k]
+    assert router_keys and all(("lora_" in k) == (policy == "lora") for k in router_keys), router_keys
+    if policy == "train":  # the router itself moved (two Adam steps), not only the LoRA factors
+        from transformers import AutoModelForCausalLM
+
+        start = AutoModelForCausalLM.from_pretrained(tiny_mixtral).model.layers[0].mlp.gate.weight
+        assert not torch.equal(saved["base_model.model.model.layers.0.mlp.gate.weight"], start)
+    else:
+        assert all(saved[k].abs().max() > 0 for k in router_keys if "lora_B" in k)
+    assert max_rel_diff(single, tmp_path / "sft-run") < RTOL
