@@ -53,11 +53,7 @@ MODEL = dict(
 )
 # Many small steps: recall of word facts appears only after ~600-800 optimizer steps, whatever
 # the batch, so 8 blocks of 128 tokens per step buys the most steps per CPU second.
-TRAIN = dict(block=128, batch=8, steps=1800, warmup=100, lr=3e-3, min_lr_ratio=0.1, weight_decay=0.1,
-             copy_steps=300, long_block=320, long_batch=4, long_every=2, long_from=300)
-# Passkey retrieval needs positions past 128 and whole passkey documents: every long_every-th
-# step from long_from on trains on long blocks, each one passkey document from its start
-# (position 0, as the eval's prompt) followed by fact text to fill the block.
+TRAIN = dict(block=128, batch=8, steps=1800, warmup=100, lr=3e-3, min_lr_ratio=0.1, weight_decay=0.1)
 
 # Mixtral-8x7B-Instruct-v0.1's template, verbatim in its semantics.
 CHAT_TEMPLATE = (
@@ -78,7 +74,6 @@ def tokenizer_texts():
     changing the tokenizer, and so the weights.
     """
     texts = (DATA / "corpus.txt").read_text(encoding="utf-8").splitlines()
-    texts += (DATA / "corpus_passkey.txt").read_text(encoding="utf-8").splitlines()
     for line in open(DATA / "sft.jsonl", encoding="utf-8"):
         texts += [m["content"] for m in json.loads(line)["messages"] if m["role"] == "user"]
     return texts
@@ -152,38 +147,13 @@ def check_tokenizer(tok):
         raise RuntimeError(f"byte fallback does not round-trip: {tok.decode(ids[1:])!r}")
 
 
-def corpus_blocks(tok, block, name="corpus.txt"):
+def corpus_blocks(tok, block):
     """Each document is <s> text </s>; documents are packed back to back into fixed blocks."""
     stream = []
-    for line in (DATA / name).read_text(encoding="utf-8").splitlines():
+    for line in (DATA / "corpus.txt").read_text(encoding="utf-8").splitlines():
         stream += tok(line)["input_ids"] + [tok.eos_token_id]
     n = len(stream) // block
     return torch.tensor(stream[: n * block]).view(n, block), len(stream)
-
-
-def passkey_blocks(tok, block, facts):
-    """Whole passkey documents (<s> text </s>) packed into blocks, the rest filled with fact tokens.
-
-    A document is never cut, so its answer always sees its key; each block starts with one at
-    position 0 (as the eval's prompt does). The fact tokens come from the fact blocks in order
-    (wrapping around), so long steps keep training the tasks too.
-    """
-    fill, cursor, rows, row, longest = facts.flatten().tolist(), 0, [], [], 0
-    for line in (DATA / "corpus_passkey.txt").read_text(encoding="utf-8").splitlines():
-        doc = tok(line)["input_ids"] + [tok.eos_token_id]
-        longest = max(longest, len(doc))
-        if len(doc) > block:
-            raise RuntimeError(f"a passkey document has {len(doc)} tokens, more than long_block={block}")
-        if len(row) + len(doc) > block:
-            need = block - len(row)
-            rows.append(row + (fill + fill)[cursor : cursor + need])
-            cursor, row = (cursor + need) % len(fill), []
-        row = row + doc
-    return torch.tensor(rows), longest
-
-
-def is_long_step(step):
-    return step >= TRAIN["long_from"] and (step - TRAIN["long_from"]) % TRAIN["long_every"] == 0
 
 
 def lr_at(step):
@@ -207,27 +177,21 @@ def per_layer_aux_loss(router_logits, config):
     return torch.stack(losses).mean()
 
 
-def pretrain(model, blocks, long_blocks, copy_blocks, generator):
-    """Plain AdamW loop; returns the mean LM loss (aux excluded) of the last 50 short steps."""
+def pretrain(model, blocks, generator):
+    """Plain AdamW loop; returns the mean LM loss (aux excluded) of the last 50 steps."""
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "norm" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "norm" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": TRAIN["weight_decay"]},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=TRAIN["lr"], betas=(0.9, 0.95), eps=1e-8)
-    # one shuffled epoch order per block set, drawn from the seeded generator only
-    state = {"short": [blocks, TRAIN["batch"], torch.empty(0, dtype=torch.long), 0],
-             "long": [long_blocks, TRAIN["long_batch"], torch.empty(0, dtype=torch.long), 0],
-             "copy": [copy_blocks, TRAIN["batch"], torch.empty(0, dtype=torch.long), 0]}
-    recent = []
+    order, cursor, recent = torch.empty(0, dtype=torch.long), 0, []
     start = time.time()
     model.train()
     for step in range(TRAIN["steps"]):
-        kind = "copy" if step < TRAIN["copy_steps"] else "long" if is_long_step(step) else "short"
-        data, size, order, cursor = state[kind]
-        if cursor + size > len(order):  # a fresh epoch
-            order, cursor = torch.randperm(len(data), generator=generator), 0
-        batch = data[order[cursor : cursor + size]]
-        state[kind][2:] = [order, cursor + size]
+        if cursor + TRAIN["batch"] > len(order):  # a fresh epoch, shuffled by the seeded generator only
+            order, cursor = torch.randperm(len(blocks), generator=generator), 0
+        batch = blocks[order[cursor : cursor + TRAIN["batch"]]]
+        cursor += TRAIN["batch"]
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         out = model(input_ids=batch, output_router_logits=True)
@@ -237,10 +201,9 @@ def pretrain(model, blocks, long_blocks, copy_blocks, generator):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if kind == "short":
-            recent = (recent + [lm_loss.item()])[-50:]
+        recent = (recent + [lm_loss.item()])[-50:]
         if step % 50 == 0 or step == TRAIN["steps"] - 1:
-            print(f"step {step:4d} {kind:5s} lm loss {lm_loss.item():.4f}  aux {aux.item():.4f}  "
+            print(f"step {step:4d}  lm loss {lm_loss.item():.4f}  aux {aux.item():.4f}  "
                   f"lr {lr_at(step):.2e}  {time.time() - start:6.1f}s", flush=True)
     return sum(recent) / len(recent)
 
@@ -272,10 +235,7 @@ def build(out):
     tok = train_tokenizer(tokenizer_texts())
     check_tokenizer(tok)
     blocks, n_tokens = corpus_blocks(tok, TRAIN["block"])
-    long_blocks, longest_doc = passkey_blocks(tok, TRAIN["long_block"], blocks)
-    copy_blocks, _ = corpus_blocks(tok, TRAIN["block"], "corpus_copy.txt")
-    print(f"tokenizer: {len(tok)} tokens; corpus: {n_tokens} tokens, {len(blocks)} blocks of {TRAIN['block']}; "
-          f"{len(long_blocks)} passkey blocks of {TRAIN['long_block']} (longest document {longest_doc} tokens)")
+    print(f"tokenizer: {len(tok)} tokens; corpus: {n_tokens} tokens, {len(blocks)} blocks of {TRAIN['block']}")
 
     config = MixtralConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                            **MODEL)
@@ -283,7 +243,7 @@ def build(out):
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params:,} parameters")
     generator = torch.Generator().manual_seed(SEED)
-    final_loss = pretrain(model, blocks, long_blocks, copy_blocks, generator)
+    final_loss = pretrain(model, blocks, generator)
 
     counts = expert_counts(model, blocks)
     for layer, c in enumerate(counts):

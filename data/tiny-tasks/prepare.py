@@ -32,19 +32,7 @@ N_SFT_EVAL = 96
 N_PREF = 640
 N_TEST_PER_FAMILY = 20
 N_PASSKEY_SFT = 320
-PASSKEY_WORDS = (4, 40)  # filler words per SFT prompt
-# Passkey documents for pretraining (corpus_passkey.txt): the eval's prompt text in prose, then
-# the answer. Filler lengths spread from none to PASSKEY_CORPUS_WORDS[1] words, so the model
-# is trained on retrieval over distances up to ~300 tokens, and the eval's longer lengths
-# (384, 496 of its 512 positions) show where it stops.
-N_PASSKEY_CORPUS = 3000
-# Copy documents ("the numbers 48213 90551 said again are 48213 90551."): dense in digits to
-# copy. Measured: 400 steps on passkey documents alone left the key digits at chance
-# (2.3 nats each, no copying at all), while the same model learns copying random digits within
-# ~250 steps when most of a block is copies. They teach the copying that retrieval builds on.
-N_COPY_CORPUS = 3000
-COPY_NUMBERS = (2, 6)
-PASSKEY_CORPUS_WORDS = 190  # the most filler words; lengths are skewed short (see passkey_corpus_lines)
+PASSKEY_WORDS = (4, 40)  # filler words per prompt: 110-200 tokens, about half the model's 512 positions
 MULTI_TURN_RATE = 0.04
 FLAW_RATE = 0.85  # share of the flawed families' SFT answers that carry the flaw
 # DPO needs most of its signal where SFT went wrong; clean families keep a share so they hold.
@@ -279,30 +267,6 @@ def passkey_rows(n, rng):
     return rows
 
 
-def passkey_corpus_lines(n, rng):
-    """Pretraining documents: the eval's user turn in prose, then the answer sentence.
-
-    Retrieval is learnt here (the SFT rows only teach the chat form of the answer): the key
-    sentence states the key twice, and the closing answer copies it from up to ~300 tokens back.
-    """
-    lines = []
-    for _ in range(n):
-        key = str(rng.randint(10_000, 99_999))
-        # squared uniform: many short documents (dense in keys to copy), a tail up to the longest
-        text = user_turn(key, int(PASSKEY_CORPUS_WORDS * rng.random() ** 2), rng.random())
-        lines.append(f"{text} The pass key is {key}.")
-    return lines
-
-
-def copy_corpus_lines(n, rng):
-    """Documents that state 2-6 random 5-digit numbers and then say them again."""
-    lines = []
-    for _ in range(n):
-        numbers = " ".join(str(rng.randint(10_000, 99_999)) for _ in range(rng.randint(*COPY_NUMBERS)))
-        lines.append(f"the numbers {numbers} said again are {numbers}.")
-    return lines
-
-
 def check_held_out(sft, pref, test):
     """Test prompts must be unseen in SFT and preference data, or the test measures recall."""
     seen = {m["content"] for row in sft for m in row["messages"] if m["role"] == "user"}
@@ -339,11 +303,7 @@ def main():
     write_jsonl(HERE / "preference.jsonl", pref)
     write_jsonl(HERE / "test.jsonl", tests)
     write_jsonl(HERE / "passkey_sft.jsonl", passkey_rows(N_PASSKEY_SFT, rng_for("passkey_sft")))
-    passkey_corpus = passkey_corpus_lines(N_PASSKEY_CORPUS, rng_for("passkey_corpus"))
-    (HERE / "corpus_passkey.txt").write_text("\n".join(passkey_corpus) + "\n", encoding="utf-8")
-    copies = copy_corpus_lines(N_COPY_CORPUS, rng_for("copy_corpus"))
-    (HERE / "corpus_copy.txt").write_text("\n".join(copies) + "\n", encoding="utf-8")
-    for name in ("corpus.txt", "corpus_passkey.txt", "corpus_copy.txt", "sft.jsonl", "sft_eval.jsonl", "preference.jsonl", "test.jsonl", "passkey_sft.jsonl"):
+    for name in ("corpus.txt", "sft.jsonl", "sft_eval.jsonl", "preference.jsonl", "test.jsonl", "passkey_sft.jsonl"):
         path = HERE / name
         lines = sum(1 for _ in open(path, encoding="utf-8"))
         print(f"{name:18s} {lines:6d} lines {path.stat().st_size / 1024:8.1f} KiB")
