@@ -138,7 +138,7 @@ def load_model(section: ModelSection, device_map=None):
     """The base model with real weights, in the recipe's dtype and attention kernel (4-bit with
     `model.quantization: nf4`, finetune/qlora/__init__.py)."""
     if getattr(section, "quantization", "none") == "nf4":
-        from finetune.qlora import load_quantized
+        from finetune.qlora.loading import load_quantized
 
         return load_quantized(section, device_map=device_map)
     try:

@@ -159,7 +159,7 @@ def _check_passthrough(recipe: Recipe, stage: str, problems: list[Problem]) -> N
         if section.get(key) is True and not torch.cuda.is_available():
             # trainer_args turns mixed precision off without a GPU, so the run would record
             # fp16 and train in float32; refuse rather than record what did not happen
-            problems.append(Problem(f"{stage}.{key}", f"mixed precision needs a GPU and this machine has none "
+            problems.append(Problem(f"{stage}.{key}", "mixed precision needs a GPU and this machine has none "
                                     "(training would run in float32); remove it, or run on a GPU"))
 
 

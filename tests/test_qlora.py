@@ -185,3 +185,47 @@ def test_missing_bitsandbytes_is_a_user_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import raises ImportError
     with pytest.raises(UserError, match=r"pip install 'finetune\[qlora\]'"):
         qlora.require_bitsandbytes()
+
+
+def test_experts_quantized_while_loading(tmp_path, monkeypatch, caplog):
+    """load_quantized quantizes each fused expert weight as transformers reads it (checkpoint in
+    Mixtral's per-expert w1/w2/w3 keys, merged by transformers' conversion): when the next one
+    arrives, the previous 16-bit tensor is gone, nothing is left to quantize after the load, and
+    the packed bytes equal those of quantizing the loaded 16-bit model afterwards."""
+    import gc
+    import weakref
+
+    from safetensors import safe_open
+
+    from finetune.qlora.loading import load_quantized
+    from finetune.recipe import ModelSection
+
+    tiny().save_pretrained(tmp_path / "m")
+    with safe_open(str(tmp_path / "m" / "model.safetensors"), "pt") as f:
+        assert "model.layers.0.mlp.experts.0.w1.weight" in f.keys() or "model.layers.0.block_sparse_moe.experts.0.w1.weight" in f.keys()
+    seen, alive_at_arrival = [], []
+    real = qlora.quantize_expert_weight
+
+    def spy(experts, name, w, compute_dtype, staged=False):
+        gc.collect()
+        alive_at_arrival.append(sum(ref() is not None for ref in seen))
+        seen.append(weakref.ref(w))
+        assert w.dtype == torch.float32 and w.device.type == "cpu" and w.ndim == 3
+        assert staged
+        return real(experts, name, w, compute_dtype, staged)
+
+    monkeypatch.setattr(qlora, "quantize_expert_weight", spy)
+    with caplog.at_level("INFO", logger="finetune"):
+        model = load_quantized(ModelSection(name_or_path=str(tmp_path / "m"), dtype="float32"))
+    assert len(seen) == 2 * 2  # two layers x (gate_up_proj, down_proj), every one while loading
+    assert alive_at_arrival == [0, 0, 0, 0]
+    assert "after loading" not in caplog.text
+    monkeypatch.setattr(qlora, "quantize_expert_weight", real)
+    after = MixtralForCausalLM.from_pretrained(tmp_path / "m")
+    qlora.quantize_experts(after, torch.float32)
+    for got, want in zip(model.model.layers, after.model.layers):
+        assert qlora.is_nf4(got.mlp.experts)
+        for name in ("gate_up_proj", "down_proj"):
+            assert torch.equal(qlora.dequantized_weight(got.mlp.experts, name), qlora.dequantized_weight(want.mlp.experts, name))
+            assert torch.equal(getattr(got.mlp.experts, f"{name}_nf4_packed"), getattr(want.mlp.experts, f"{name}_nf4_packed"))
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from conftest import REPO, TINY_TASKS
 
-from finetune import qlora
+from finetune.qlora.loading import load_quantized
 from finetune.chain import load_for_inference
 from finetune.data import read_rows
 from finetune.eval.scores import exact_match
@@ -44,7 +44,7 @@ def test_4bit_sft_and_dpo_improve_exact_match_and_export_to_16bit(tmp_path, monk
     exported = export(str(dpo_run), str(tmp_path / "export"), dtype="float32")
 
     rows = [r.value for r in read_rows(str(TINY_TASKS / "test.jsonl"))][::2]  # 80 prompts, every task family
-    base = qlora.load_quantized(ModelSection(name_or_path="model/tiny-moe", dtype="float32")).eval()
+    base = load_quantized(ModelSection(name_or_path="model/tiny-moe", dtype="float32")).eval()
     em = {"base": exact_match(base, load_tokenizer(ModelSection(name_or_path="model/tiny-moe")), rows)}
     for label, name in (("sft", sft_run), ("dpo", dpo_run), ("export", exported)):
         model, tokenizer = load_for_inference(str(name))

@@ -4,16 +4,17 @@
 
 transformers' bitsandbytes integration (`BitsAndBytesConfig(load_in_4bit=True)`) replaces
 `nn.Linear` only; Mixtral's experts are fused 3-D parameters (about 45B of its 47B weights) and
-stay 16-bit. This module loads the model through that integration (attention, other linear
-layers: bitsandbytes `Linear4bit`, NF4, double quantization) and then quantizes each expert's
-matrix of `gate_up_proj` (E, 2I, H) and `down_proj` (E, H, I) the same way `Linear4bit`
-quantizes a weight: `bitsandbytes.functional.quantize_4bit`, NF4, block size 64, absmax
-double-quantized (`compress_statistics=True`), one quantization state per expert. The packed
-bytes and states become non-persistent buffers of the experts module; the 16-bit parameter is
-replaced by a one-element NaN placeholder broadcast to the original shape (so PEFT still reads
-shape, dtype and device to build its 3-D LoRA factors, while anything that computes with the
-placeholder turns NaN instead of silently using wrong weights). The router (`mlp.gate`) is
-not an `nn.Linear` and stays 16-bit: it is tiny and router policies train it.
+stay 16-bit. This package loads the model through that integration (attention, other linear
+layers: bitsandbytes `Linear4bit`, NF4, double quantization), extended so that each expert's
+matrix of `gate_up_proj` (E, 2I, H) and `down_proj` (E, H, I) is quantized as the checkpoint
+streams in (finetune/qlora/loading.py), the same way `Linear4bit` quantizes a weight:
+`bitsandbytes.functional.quantize_4bit`, NF4, block size 64, absmax double-quantized
+(`compress_statistics=True`), one quantization state per expert. The packed bytes and states
+become non-persistent buffers of the experts module; the 16-bit parameter is replaced by a
+one-element NaN placeholder broadcast to the original shape (so PEFT still reads shape, dtype
+and device to build its 3-D LoRA factors, while anything that computes with the placeholder
+turns NaN instead of silently using wrong weights). The router (`mlp.gate`) is not an
+`nn.Linear` and stays 16-bit: it is tiny and router policies train it.
 
 The experts then run only through the fast expert path (finetune/expert_lora.py), which calls
 `nf4_grouped_linear` here: per expert group it dequantizes that expert's matrix, multiplies,
@@ -49,14 +50,6 @@ def require_bitsandbytes(where: str = "model.quantization"):
         raise UserError(f"{where}: nf4 needs bitsandbytes, which is not installed ({exc}); "
                         "install it with `pip install 'finetune[qlora]'` (or `pip install bitsandbytes`)") from None
     return bnbf
-
-
-def bnb_config(compute_dtype: torch.dtype):
-    """transformers' 4-bit config, as QLoRA does it: NF4, double quantization, compute in the model dtype."""
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=QUANT_TYPE, bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute_dtype)
 
 
 # ---- the quantized experts container ---------------------------------------------------------
@@ -96,40 +89,63 @@ def _experts_modules(model):
 
 
 @torch.no_grad()
-def quantize_experts_module(experts, compute_dtype: torch.dtype) -> int:
-    """Quantize one fused-experts module in place, expert by expert; returns the bytes it now holds."""
+def quantize_expert_weight(experts, name: str, w: torch.Tensor, compute_dtype: torch.dtype, staged: bool = False) -> int:
+    """Quantize one fused (E, out, in) weight of an experts module, expert by expert, into its NF4
+    buffers, and put the placeholder in the parameter's place; returns the bytes the buffers hold.
+    Called by the loader as each fused tensor arrives (finetune/qlora/loading.py), or on a loaded
+    module (quantize_experts_module). The module becomes the 4-bit class once all its weights are in.
+
+    staged: keep the buffers aside until `register_staged` (transformers' loader replaces every
+    non-persistent buffer with an empty one after loading, so they are registered after it)."""
     bnbf = require_bitsandbytes()
     if experts.has_bias or experts.is_transposed:
         raise UserError(f"model.quantization: {type(experts).__name__} has expert biases or transposed weights; "
                         "4-bit experts support the Mixtral layout only")
-    info, held = {}, 0
+    packed, absmax, absmax2, offset = [], [], [], []
+    for e in range(w.shape[0]):
+        q, st = bnbf.quantize_4bit(w[e].contiguous(), blocksize=BLOCKSIZE, compress_statistics=True, quant_type=QUANT_TYPE)
+        packed.append(q.view(-1))
+        absmax.append(st.absmax)
+        absmax2.append(st.state2.absmax)
+        offset.append(st.offset.reshape(()))
+    buffers = {"nf4_code": st.code, "nf4_absmax_code": st.state2.code}
+    for key, parts in (("packed", packed), ("absmax", absmax), ("absmax2", absmax2), ("offset", offset)):
+        buffers[f"{name}_nf4_{key}"] = torch.stack(parts)
+    if staged:
+        experts.__dict__.setdefault("nf4_staged", {}).update(buffers)
+    else:
+        for key, t in buffers.items():
+            experts.register_buffer(key, t, persistent=False)
+    placeholder = torch.full((), float("nan"), dtype=compute_dtype, device=w.device).expand(w.shape)
+    setattr(experts, name, torch.nn.Parameter(placeholder, requires_grad=False))
+    done = experts.__dict__.setdefault("nf4_pending", {})
+    done[name] = {"shape": tuple(w.shape[1:]), "nested_blocksize": st.state2.blocksize}
+    if all(n in done for n in _expert_weight_names(experts)):
+        experts.nf4 = {"dtype": compute_dtype, "weights": experts.__dict__.pop("nf4_pending")}
+        experts.__class__ = _nf4_class(type(experts))
+    return sum(t.nbytes for k, t in buffers.items() if k.startswith(name))
+
+
+def register_staged(model) -> None:
+    """Register the NF4 buffers that quantize_expert_weight(staged=True) kept aside."""
+    for m in model.modules():
+        for key, t in m.__dict__.pop("nf4_staged", {}).items():
+            m.register_buffer(key, t, persistent=False)
+
+
+@torch.no_grad()
+def quantize_experts_module(experts, compute_dtype: torch.dtype) -> int:
+    """Quantize a loaded fused-experts module in place, weight by weight; returns the bytes it now holds."""
+    held = 0
     for name in _expert_weight_names(experts):
-        w = getattr(experts, name)
-        packed, absmax, absmax2, offset = [], [], [], []
-        for e in range(w.shape[0]):
-            q, st = bnbf.quantize_4bit(w[e].contiguous(), blocksize=BLOCKSIZE, compress_statistics=True, quant_type=QUANT_TYPE)
-            packed.append(q.view(-1))
-            absmax.append(st.absmax)
-            absmax2.append(st.state2.absmax)
-            offset.append(st.offset.reshape(()))
-        info[name] = {"shape": tuple(w.shape[1:]), "nested_blocksize": st.state2.blocksize}
-        experts.register_buffer("nf4_code", st.code, persistent=False)
-        experts.register_buffer("nf4_absmax_code", st.state2.code, persistent=False)
-        for key, parts in (("packed", packed), ("absmax", absmax), ("absmax2", absmax2), ("offset", offset)):
-            experts.register_buffer(f"{name}_nf4_{key}", torch.stack(parts), persistent=False)
-            held += getattr(experts, f"{name}_nf4_{key}").nbytes
-        placeholder = torch.full((), float("nan"), dtype=compute_dtype, device=w.device).expand(w.shape)
-        setattr(experts, name, torch.nn.Parameter(placeholder, requires_grad=False))
-        del w, packed
-    held += experts.nf4_code.nbytes + experts.nf4_absmax_code.nbytes
-    experts.nf4 = {"dtype": compute_dtype, "weights": info}
-    experts.__class__ = _nf4_class(type(experts))
+        if name not in experts.__dict__.get("nf4_pending", {}):
+            held += quantize_expert_weight(experts, name, getattr(experts, name), compute_dtype)
     return held
 
 
 def quantize_experts(model, compute_dtype: torch.dtype) -> int:
-    """Quantize every fused-experts module of the model, layer by layer (each 16-bit weight is
-    freed before the next is quantized); returns how many modules were quantized."""
+    """Quantize every fused-experts module of the model still in 16-bit, layer by layer (each 16-bit
+    weight is freed before the next is quantized); returns how many modules were quantized."""
     mods = [m for m in _experts_modules(model) if not is_nf4(m)]
     for m in mods:
         quantize_experts_module(m, compute_dtype)
@@ -209,45 +225,6 @@ def nf4_grouped_linear(x, experts, name: str, lora, groups):
         raise RuntimeError("4-bit experts need the per-expert loop (bounds), not one grouped_mm over a stacked weight")
     a, b, scaling = lora or (None, None, 1.0)
     return _NF4LoraGroupedLinear.apply(x, a, b, scaling, experts, name, groups)
-
-
-# ---- loading --------------------------------------------------------------------------------------
-
-
-def load_quantized(section, device_map=None):
-    """The base model with linear layers in bitsandbytes 4-bit and every expert in NF4.
-
-    Peak memory while loading: transformers' bitsandbytes path quantizes the linear layers as
-    their weights stream in, but it has no hook for 3-D parameters, so the fused experts arrive
-    in 16-bit and are quantized right after loading, one layer at a time. The load therefore
-    needs the 16-bit size of the experts on the load device once (see README, QLoRA).
-    """
-    from transformers import AutoModelForCausalLM
-
-    from finetune.modeling import resolve_dtype
-
-    require_bitsandbytes()
-    dtype = resolve_dtype(section.dtype)
-    if device_map is None and torch.cuda.is_available():
-        from accelerate import PartialState
-
-        device_map = {"": PartialState().device}  # bitsandbytes quantizes on the device it loads to
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            section.name_or_path, dtype=dtype, attn_implementation=section.attn_implementation,
-            trust_remote_code=section.trust_remote_code, device_map=device_map, quantization_config=bnb_config(dtype),
-        )
-    except (OSError, ValueError) as exc:
-        raise UserError(f"model.name_or_path: cannot load weights from `{section.name_or_path}` in 4-bit: {exc}") from None
-    for m in model.modules():
-        if hasattr(m, "support_avx512bf16_for_cpu"):
-            # bitsandbytes' CPU inference kernel repacks a Linear4bit weight in place on the first
-            # no-grad eval forward (training alternates with such forwards: eval, routing probes),
-            # and fails for layers narrower than the block size; keep the one packed format.
-            m.support_avx512bf16_for_cpu = False
-    n = quantize_experts(model, dtype)
-    log.info("4-bit NF4: linear layers through bitsandbytes, experts of %d MoE layers quantized per expert", n)
-    return model
 
 
 def resident_bytes(model) -> dict[str, int]:

@@ -24,7 +24,8 @@ import warnings
 
 from peft import PeftModel
 
-from finetune import modeling, qlora
+from finetune import modeling
+from finetune.qlora.loading import load_quantized
 from finetune.errors import UserError
 from finetune.recipe import ModelSection
 
@@ -39,7 +40,7 @@ def load_stacked(section: ModelSection, dirs, trainable: bool = False, device_ma
     """The 4-bit base with every adapter in `dirs` loaded (frozen) and active together, fast path on."""
     from finetune.expert_lora import enable_fast_expert_lora
 
-    model = qlora.load_quantized(section, device_map=device_map)
+    model = load_quantized(section, device_map=device_map)
     names = _adapter_names(dirs)
     for i, (name, path) in enumerate(zip(names, dirs)):
         if not (path / "adapter_config.json").is_file():
@@ -107,7 +108,7 @@ def load_base_for_dpo(parent):
 
     check_parent_chain(parent)
     runs.verify_adapters(parent)  # the SFT adapter is the file its chain recorded (sha256)
-    return qlora.load_quantized(ModelSection(**parent.recipe.model.__dict__))
+    return load_quantized(ModelSection(**parent.recipe.model.__dict__))
 
 
 def is_quantized(section) -> bool:
