@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override a value of the SFT recipe; repeatable")
     p.add_argument("--overwrite", action="store_true", help="replace earlier outputs of this pipeline")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted pipeline: keep finished stages of the same recipe, resume an interrupted one")
     p.add_argument("--no-passkey", action="store_true", help="skip the passkey retrieval check of every stage")
 
     p = sub.add_parser("routing", help="routing report: expert load and repeated-expert rates per layer, with plots")
@@ -200,7 +202,7 @@ def dispatch(args) -> int:
         from finetune.pipeline import run_pipeline
 
         run_pipeline(args.recipes, args.eval_data, args.export_dir, args.export_dtype, args.overrides, args.overwrite,
-                     with_passkey=not args.no_passkey)
+                     with_passkey=not args.no_passkey, resume=args.resume)
         return 0
     if args.command == "routing":
         from finetune.routing.cli import routing_cli

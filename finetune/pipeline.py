@@ -1,11 +1,17 @@
 """The whole job in one command: SFT -> DPO -> export -> eval, with a before/after table (passkey retrieval included).
 
-    finetune pipeline recipes/tiny-moe --eval-data data/tiny-tasks/test.jsonl
+    finetune pipeline recipes/tiny-moe --eval-data data/tiny-tasks/test.jsonl [--resume]
 
 Reads <dir>/sft.yaml and <dir>/dpo.yaml, points the DPO recipe at the SFT run it just made,
 exports the DPO chain, and scores the base model, the SFT run, the DPO run and the exported
 checkpoint on the same data and on a small passkey grid (pipeline_lengths; files under
 <dpo output_dir>/passkey/<stage>/). Writes <dpo output_dir>/pipeline.json with every figure and timing.
+
+--resume continues an interrupted pipeline: a stage whose finished run is at its output_dir and
+was trained from the same resolved recipe is kept (its adapters checked against their sha256),
+an interrupted one continues from its newest checkpoint (as `finetune sft/dpo --resume`), and
+the rest runs; a finished run of a different recipe is an error, never retrained silently. DPO
+is kept only if SFT was, and the export only if DPO was and the export is of that run.
 """
 
 from __future__ import annotations
@@ -15,12 +21,16 @@ import logging
 import time
 from pathlib import Path
 
+import yaml
+
 from finetune.chain import load_for_inference
 from finetune.errors import UserError
 from finetune.eval import passkey, report
 from finetune.eval.scores import evaluate
 from finetune.export import export
-from finetune.recipe import read_recipe
+from finetune.recipe import read_recipe, recipe_to_dict
+from finetune.runs import outputs, read_run, staging, verify_adapters
+from finetune.runs.resume import newest_checkpoint
 from finetune.stages.dpo import run_dpo
 from finetune.stages.sft import run_sft
 
@@ -49,9 +59,33 @@ def _score(name: str, data: list[str], passkey_dir: Path | None) -> tuple[dict, 
     return scores, grid
 
 
+def kept_run(recipe, stage: str) -> Path | None:
+    """--resume: the finished run at the recipe's output_dir if it was trained from this recipe,
+    None if there is none; a UserError if it was trained from another one."""
+    from finetune.stages.common import resolved_recipe
+
+    out = Path(recipe.output_dir).resolve()
+    if not outputs.is_finished_run(out):
+        return None
+    want = recipe_to_dict(resolved_recipe(recipe, stage)[1])
+    try:
+        have = yaml.safe_load((out / "recipe.yaml").read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{out / 'recipe.yaml'}: not valid YAML ({exc}); pass --overwrite to train {out} again") from None
+    for recipe_dict, base in ((have, out), (want, Path.cwd())):  # stored relative to the run; given relative to cwd
+        if recipe_dict.get("from_run"):
+            recipe_dict["from_run"] = str((base / recipe_dict["from_run"]).resolve())
+    changed = [k for k in staging._changed_keys(have, want) if k != "output_dir"]
+    if changed:
+        raise UserError(f"--resume: {out} is a finished {stage} run of another recipe ({', '.join(changed)}); "
+                        "restore the recipe, or pass --overwrite to train it again")
+    verify_adapters(read_run(out))
+    return out
+
+
 def run_pipeline(recipe_dir: str, eval_data: list[str], export_dir: str | None = None,
                  export_dtype: str = "float32", overrides: list[str] = (), overwrite: bool = False,
-                 with_passkey: bool = True) -> dict:
+                 with_passkey: bool = True, resume: bool = False) -> dict:
     directory = Path(recipe_dir)
     sft_path, dpo_path = directory / "sft.yaml", directory / "dpo.yaml"
     missing = [str(p) for p in (sft_path, dpo_path) if not p.is_file()]
@@ -65,11 +99,28 @@ def run_pipeline(recipe_dir: str, eval_data: list[str], export_dir: str | None =
     export_dir = export_dir or str(Path("exports") / directory.name)
     timings, t0 = {}, time.perf_counter()
 
-    sft_run = run_sft(sft_recipe, overwrite=overwrite)
+    def stage(run_fn, recipe, name: str, may_keep: bool) -> tuple[Path, bool]:
+        """The stage's run and whether it was (re)trained now."""
+        if resume:
+            kept = kept_run(recipe, name) if may_keep else None
+            if kept is not None:
+                log.warning("--resume: keeping the finished %s run %s", name, kept)
+                return kept, False
+            if newest_checkpoint(staging.staging_for(recipe) / "checkpoints") is not None:
+                return Path(run_fn(recipe, resume=True)).resolve(), True
+        return Path(run_fn(recipe, overwrite=overwrite)).resolve(), True
+
+    sft_run, sft_trained = stage(run_sft, sft_recipe, "sft", may_keep=True)
     timings["sft"] = time.perf_counter() - t0
-    dpo_run = run_dpo(dpo_recipe, overwrite=overwrite)
+    dpo_run, dpo_trained = stage(run_dpo, dpo_recipe, "dpo", may_keep=not sft_trained)
     timings["dpo"] = time.perf_counter() - t0 - sum(timings.values())
-    exported = export(str(dpo_run), export_dir, dtype=export_dtype, overwrite=overwrite)
+    previous = _export_of(Path(export_dir))
+    if resume and not dpo_trained and previous == str(dpo_run):
+        log.warning("--resume: keeping the export %s of %s", export_dir, dpo_run)
+        exported = Path(export_dir).resolve()
+    else:  # --resume replaces an export of this pipeline's DPO run: derived from the run it continues
+        exported = export(str(dpo_run), export_dir, dtype=export_dtype,
+                          overwrite=overwrite or (resume and previous == str(dpo_run)))
     timings["export"] = time.perf_counter() - t0 - sum(timings.values())
 
     scored, passkeys = {}, {}
@@ -86,6 +137,14 @@ def run_pipeline(recipe_dir: str, eval_data: list[str], export_dir: str | None =
     (Path(dpo_run) / "pipeline.json").write_text(json.dumps(summary, indent=2))
     print(format_summary(summary))
     return summary
+
+
+def _export_of(path: Path) -> str | None:
+    """The run an earlier export at path was made from (its export.json), else None."""
+    try:
+        return str(Path(json.loads((path / "export.json").read_text())["run"]).resolve())
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def format_summary(summary: dict) -> str:

@@ -308,3 +308,49 @@ def test_truncated_forward_check_loads_first_middle_last_layers(tmp_path, tokeni
     save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckFailed, match="written checkpoint's logits differ"):
         verify.forward_check(base, adapters, out, torch.float32, probe, "truncated", tmp_path / "scratch")
+
+
+def test_expert_deltas_are_computed_one_expert_at_a_time(tmp_path, dpo_run, monkeypatch):
+    """The merge never builds a whole fused expert delta (for Mixtral-8x7B 3.8 GB per layer in
+    float32): with Term.value refused for 3-D parameters the export still passes every check."""
+    real = deltas.Term.value
+
+    def whole(self):
+        if len(self.shape) == 3:
+            raise AssertionError(f"whole fused delta built for {self.param}")
+        return real(self)
+
+    monkeypatch.setattr(deltas.Term, "value", whole)
+    out = export(str(dpo_run), str(tmp_path / "instruct"), dtype="float32")
+    checks = json.loads((out / "export.json").read_text())["checks"]
+    assert checks["tensors"]["max_relative_error"] <= 1e-5 and checks["forward"]["merge_relative_error"] <= 1e-4
+
+
+def test_expert_boxes_follow_transformers_layout():
+    from transformers import MixtralConfig
+
+    config = MixtralConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+                           num_key_value_heads=2, num_local_experts=4)
+    meta = merge.disk_layout_model(config)
+    gate_up = merge.expert_boxes(meta, "model.layers.0.mlp.experts.gate_up_proj", (4, 192, 64))
+    down = merge.expert_boxes(meta, "model.layers.0.mlp.experts.down_proj", (4, 64, 96))
+    key = "model.layers.0.block_sparse_moe.experts.{}.{}.weight"
+    assert gate_up == {**{key.format(e, "w1"): deltas.ExpertBox(e, (0, 96), (0, 64)) for e in range(4)},
+                       **{key.format(e, "w3"): deltas.ExpertBox(e, (96, 192), (0, 64)) for e in range(4)}}
+    assert down == {key.format(e, "w2"): deltas.ExpertBox(e, (0, 64), (0, 96)) for e in range(4)}
+    assert merge.expert_boxes(meta, "model.layers.0.self_attn.q_proj.weight", (64, 64)) is None
+
+
+def test_truncated_check_keeps_fewer_layers_when_three_exceed_two_shards(tmp_path, tokenizer):
+    """One float32 layer of this model is 86.8 KB: three fit twice a single-file checkpoint, two
+    (first, last) fit twice a 121 KB shard, and with 39 KB shards one layer (the last) is kept."""
+    from transformers import AutoModelForCausalLM
+
+    from finetune.export import verify
+
+    base, _ = _random_adapter_chain(tmp_path, tokenizer)
+    assert verify.truncated_layers(base, 5) == [0, 2, 4]
+    model = AutoModelForCausalLM.from_pretrained(base)
+    for shard, kept in (("120KB", [0, 4]), ("40KB", [4])):
+        model.save_pretrained(tmp_path / shard, max_shard_size=shard)
+        assert verify.truncated_layers(tmp_path / shard, 5) == kept

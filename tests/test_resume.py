@@ -54,12 +54,15 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, tiny_mixtral, s
         run_sft(make(tmp_path, tiny_mixtral, sft_file, "cut"), callbacks=[InterruptAt(3)])
     staging = tmp_path / ".cut.incomplete"
     assert not (tmp_path / "cut").exists() and newest_checkpoint(staging / "checkpoints").name == "checkpoint-2"
+    before = json.loads((staging / "checkpoints" / "checkpoint-2" / "finetune_totals.json").read_text())["train_seconds"]
 
     resumed = run_sft(make(tmp_path, tiny_mixtral, sft_file, "cut"), resume=True)
     assert (resumed / "adapter_model.safetensors").read_bytes() == (whole / "adapter_model.safetensors").read_bytes()
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (whole, resumed))
     assert b["resumed_from"] == "checkpoint-2" and b["tokens_seen"] == a["tokens_seen"] > 0
     assert b["final"]["train_loss"] == pytest.approx(a["final"]["train_loss"], rel=1e-6)
+    # Wall time counts the session before the interruption (to its checkpoint) too.
+    assert a["seconds_before_resume"] is None and 0 < before == b["seconds_before_resume"] < b["seconds"]
     # Drift is measured against the true starting model, not against checkpoint-2.
     for key in ("routing/kl_max", "routing/topk_overlap_min"):
         assert last(b["log_history"], key) == pytest.approx(last(a["log_history"], key), rel=1e-5, abs=1e-9)

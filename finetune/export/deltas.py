@@ -59,6 +59,31 @@ class Term:
                             f"the parameter {self.param} of shape {tuple(self.shape)}")
         return delta.contiguous()
 
+    def expert_value(self, box: "ExpertBox") -> torch.Tensor:
+        """The delta of one expert's box of a fused 3-D parameter (an `add` term), in float32,
+        in the layout of the on-disk tensor the box becomes: one expert's rows and columns of
+        B @ A * scaling, so a Mixtral-8x7B export never holds a whole fused delta for the merge."""
+        a, b = self.tensors["A"].float(), self.tensors["B"].float()
+        experts = self.shape[0]
+        a = a.reshape(experts, -1, a.shape[-1])[box.expert]  # r, in
+        b = b.reshape(b.shape[0], -1, experts)[:, :, box.expert]  # out, r
+        (r0, r1), (c0, c1) = box.rows, box.cols  # in the parameter's own (E, d1, d2) layout
+        if b.shape[0] == self.shape[1] and a.shape[1] == self.shape[2]:  # stored (E, out, in)
+            piece = (b[r0:r1] @ a[:, c0:c1]) * self.scaling
+        else:  # stored (E, in, out)
+            piece = ((b[c0:c1] @ a[:, r0:r1]) * self.scaling).t()
+        return (piece.t() if box.transposed else piece).contiguous()
+
+
+@dataclass(frozen=True)
+class ExpertBox:
+    """Where an on-disk tensor sits in a fused (E, d1, d2) parameter: expert, row and column
+    ranges of that expert's (d1, d2) matrix, and whether the file stores it transposed."""
+    expert: int
+    rows: tuple[int, int]
+    cols: tuple[int, int]
+    transposed: bool = False
+
 
 @dataclass
 class Adapter:

@@ -8,8 +8,11 @@ the others are only cast. Deltas are computed in the model's layout (Mixtral's f
 `mlp.experts.gate_up_proj`) and mapped to the on-disk layout (`block_sparse_moe.experts.N.w1`
 and `w3`) with transformers' own reverse weight conversion, the one `save_pretrained` uses, so
 the written keys are the ones transformers itself saves and other MoE families need no table.
-A parameter's delta is built when its first on-disk tensor comes and dropped after its last, so
-peak memory is about one base shard (memory-mapped) plus the largest adapted parameter's delta,
+A fused expert parameter's delta is computed one expert's piece at a time, as each on-disk tensor
+is written (where each piece sits is found by running the same reverse conversion on a small index
+tensor); the independent check holds PEFT's whole-parameter delta (summed over the chain's terms)
+from the parameter's first on-disk tensor to its last. Peak memory is about one base shard
+(memory-mapped) plus the largest adapted parameter's delta (twice while the check's sum is built),
 whatever the model's size. With `reference`, every adapted tensor is also computed through an
 independent route (finetune/export/verify.py: PEFT's own delta code) and compared before it is written.
 """
@@ -63,6 +66,53 @@ def disk_layout_model(config):
 def to_disk_layout(meta_model, param: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
     """One parameter's tensor in the model's layout -> the on-disk tensors transformers saves for it."""
     return revert_weight_conversion(meta_model, {param: value})
+
+
+def _probe_size(d: int, most: int = 8) -> int:
+    return max(k for k in range(1, most + 1) if d % k == 0)
+
+
+def expert_boxes(meta_model, param: str, shape: tuple) -> dict[str, deltas.ExpertBox] | None:
+    """Where each on-disk tensor of a fused (E, d1, d2) parameter sits in it, one expert each.
+
+    Found by running transformers' reverse conversion on a small index tensor (E, k1, k2), each
+    ki dividing di, whose values say where every element came from; accepted only when every
+    output is one expert's rectangle (or its transpose) and, scaled up, has the shape the reverse
+    conversion gives the real parameter. None otherwise: the merge then uses the whole delta.
+    """
+    if len(shape) != 3:
+        return None
+    experts, d1, d2 = shape
+    k1, k2 = _probe_size(d1), _probe_size(d2)
+    grid = torch.arange(experts * k1 * k2, dtype=torch.float64).reshape(experts, k1, k2)
+    try:
+        small = to_disk_layout(meta_model, param, grid)
+        full = to_disk_layout(meta_model, param, torch.empty(shape, device="meta"))
+    except Exception:  # a conversion that needs the real sizes: no boxes, whole deltas
+        return None
+    if set(small) != set(full):
+        return None
+    boxes = {}
+    for key, piece in small.items():
+        piece = piece.squeeze(0) if piece.ndim == 3 and piece.shape[0] == 1 else piece
+        if piece.ndim != 2:
+            return None
+        flat = piece.long()
+        e = int(flat.min()) // (k1 * k2)
+        local = flat - e * k1 * k2
+        rows, cols = local // k2, local % k2
+        (r0, r1), (c0, c1) = (int(rows.min()), int(rows.max()) + 1), (int(cols.min()), int(cols.max()) + 1)
+        box_grid = grid[e, r0:r1, c0:c1]
+        transposed = not torch.equal(piece, box_grid)
+        if transposed and not torch.equal(piece, box_grid.t()):
+            return None
+        s1, s2 = d1 // k1, d2 // k2
+        box = deltas.ExpertBox(e, (r0 * s1, r1 * s1), (c0 * s2, c1 * s2), transposed)
+        real = ((r1 - r0) * s1, (c1 - c0) * s2)
+        if tuple(full[key].shape[-2:]) != (real[::-1] if transposed else real) or full[key].numel() != real[0] * real[1]:
+            return None
+        boxes[key] = box
+    return boxes
 
 
 def read_chain(config, adapter_dirs: list[Path]) -> list[deltas.Adapter]:
@@ -142,11 +192,36 @@ def merge_checkpoint(base_dir: Path, adapters: list[deltas.Adapter], out_dir: Pa
     def pieces_of(param: str) -> dict:
         entry = cache.get(param)
         if entry is None:
-            entry = {"left": pieces[param],
-                     "mine": [(t.kind, to_disk_layout(meta, param, t.value())) for t in terms[param]],
-                     "ref": [(t.kind, to_disk_layout(meta, param, reference(t))) for t in terms[param]] if reference else None}
+            param_terms = terms[param]
+            boxes = expert_boxes(meta, param, param_terms[0].shape) if all(t.kind == "add" for t in param_terms) else None
+            if boxes is not None:  # one expert's piece at a time, computed when its tensor is written
+                mine = {key: [("add", lambda t=t, box=box: t.expert_value(box)) for t in param_terms]
+                        for key, box in boxes.items()}
+            else:
+                mine = [(t.kind, to_disk_layout(meta, param, t.value())) for t in param_terms]
+            entry = {"left": pieces[param], "mine": mine, "ref": independent(param, param_terms, summed=boxes is not None)}
             cache[param] = entry
         return entry
+
+    def independent(param: str, param_terms: list, summed: bool):
+        """The check's route: PEFT's whole-parameter delta per term (its API has no per-expert
+        delta). `summed` (add terms only): one running sum, so a chain holds one delta, not one per
+        stage; the order of a sum the check compares against does not change what it catches."""
+        if reference is None:
+            return None
+        if not summed:
+            return [(t.kind, to_disk_layout(meta, param, reference(t))) for t in param_terms]
+        total = None
+        for t in param_terms:
+            value = reference(t)
+            total = value.clone() if total is None else total.add_(value)
+            del value
+        return [("add", to_disk_layout(meta, param, total))]
+
+    def terms_for(entry: dict, key: str) -> list:
+        if isinstance(entry["mine"], dict):
+            return [(kind, compute()) for kind, compute in entry["mine"].pop(key)]
+        return [(kind, d.pop(key)) for kind, d in entry["mine"]]
 
     digests: dict[str, str] = {}
     worst = {"error": 0.0, "tensor": None}
@@ -167,7 +242,7 @@ def merge_checkpoint(base_dir: Path, adapters: list[deltas.Adapter], out_dir: Pa
                 if key in owner:
                     param = owner[key]
                     entry = pieces_of(param)
-                    merged = deltas.apply_terms(base.float(), [(kind, d.pop(key)) for kind, d in entry["mine"]])
+                    merged = deltas.apply_terms(base.float(), terms_for(entry, key))
                     if entry["ref"] is not None:
                         expected = deltas.apply_terms(base.float(), [(kind, d.pop(key)) for kind, d in entry["ref"]])
                         error = ((merged - expected).abs().max() / expected.abs().max().clamp(min=1e-12)).item()

@@ -12,7 +12,8 @@ rounding (which a single "merged vs chain" logit tolerance mixed in):
    the logits of PEFT's merged model rounded to the same dtype;
 3. the dtype's rounding (information only): exported logits against the unmerged chain.
 When the model does not fit comfortably in memory, the forward checks run on a model truncated
-to the first, middle and last decoder layers, cut from the base, the adapters and the export.
+to the first, middle and last decoder layers (fewer when those exceed twice the largest base
+shard: truncated_layers), cut from the base, the adapters and the export.
 """
 
 from __future__ import annotations
@@ -151,6 +152,24 @@ def truncate_adapter(src: Path, layers: list[int], dst: Path, base: Path) -> Pat
     return dst
 
 
+def truncated_layers(base_dir: Path, n: int) -> list[int]:
+    """The decoder layers the truncated check keeps: first, middle and last, or fewer (the middle,
+    then the first dropped) when their float32 weights would exceed twice the base's largest shard,
+    the bound the merge keeps, so that the check does not set the export's peak (one Mixtral-8x7B
+    layer is 5.6 GB in float32, three would be 17 GB against 10 GB for two of its shards)."""
+    files = shards.shard_files(base_dir)
+    per_layer: dict[int, int] = {}
+    for key, (_, shape, _) in shards.tensor_specs(files).items():
+        layer = shards.layer_of(key)
+        if layer is not None:
+            per_layer[layer] = per_layer.get(layer, 0) + 4 * int(torch.Size(shape).numel())
+    budget = 2 * max(f.stat().st_size for f in files)
+    chosen = sorted({0, n // 2, n - 1})
+    while len(chosen) > 1 and sum(per_layer.get(i, 0) for i in chosen) > budget:
+        chosen.pop(len(chosen) // 2 if len(chosen) == 3 else 0)
+    return chosen
+
+
 def choose_mode(mode: str, base_dir: Path) -> str:
     """full when the float32 model fits twice over in half the available memory, else truncated."""
     if mode != "auto":
@@ -172,7 +191,7 @@ def forward_check(base_dir: Path, adapter_dirs: list[Path], written_dir: Path, d
     if mode == "truncated":
         n = json.loads((written_dir / "config.json").read_text())
         n = n.get("text_config", n)["num_hidden_layers"]
-        layers = sorted({0, n // 2, n - 1})
+        layers = truncated_layers(base_dir, n)
         base_dir = truncate_checkpoint(base_dir, layers, scratch / "base")
         adapter_dirs = [truncate_adapter(Path(d), layers, scratch / f"adapter-{i}", base_dir) for i, d in enumerate(adapter_dirs)]
         written_dir = truncate_checkpoint(written_dir, layers, scratch / "export")

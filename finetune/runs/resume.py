@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -82,6 +83,15 @@ class RunTotalsCallback(TrainerCallback):
         self.trainer = trainer
         self.loss_before = 0.0  # summed per-step loss of the steps done before this train() call
         self.step_before = 0
+        self.seconds_before = 0.0  # training wall time of the sessions before, up to the checkpoint resumed from
+        self.started = time.perf_counter()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.perf_counter()
+
+    def train_seconds(self) -> float:
+        """Wall time in train() over the whole run: earlier sessions (to their checkpoint) and this one."""
+        return self.seconds_before + time.perf_counter() - self.started
 
     def on_save(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
@@ -90,7 +100,7 @@ class RunTotalsCallback(TrainerCallback):
         # Trainer keeps the per-step loss sum in _total_loss_scalar (drained at each log) plus _tr_loss.
         loss = self.loss_before + t._total_loss_scalar + float(t._tr_loss.item())
         totals = {"tokens": int(getattr(t, "_total_train_tokens", 0)), "loss_sum": loss,
-                  "global_step": state.global_step, "world_size": args.world_size}
+                  "global_step": state.global_step, "world_size": args.world_size, "train_seconds": self.train_seconds()}
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         tmp = ckpt / f".{TOTALS}.tmp"
         tmp.write_text(json.dumps(totals))
@@ -102,6 +112,7 @@ class RunTotalsCallback(TrainerCallback):
             self.trainer._total_train_tokens = int(totals["tokens"])
         self.loss_before = float(totals["loss_sum"])
         self.step_before = int(totals["global_step"])
+        self.seconds_before = float(totals.get("train_seconds", 0.0))  # absent in checkpoints of older versions
 
     def fix_train_loss(self, state) -> None:
         """After a resumed train(): train_loss over every step of the run, not just the resumed ones."""

@@ -40,6 +40,18 @@ STAGE_DEFAULTS = {
 }
 
 
+def resolved_recipe(recipe: Recipe, stage: str):
+    """(checked, recipe as the run records it): validated, local paths absolute, and the router
+    aux-loss coefficient actually used. What run_sft/run_dpo train with, and what `pipeline
+    --resume` compares a finished run's recipe.yaml with."""
+    from finetune.validate import check
+
+    checked = check(recipe, stage)
+    out = absolute(checked.recipe)
+    out.router.aux_loss_coef = resolve_aux_coef(out, checked.config)
+    return checked, out
+
+
 def resolve_aux_coef(recipe: Recipe, config) -> float:
     """The router aux-loss coefficient: the recipe's, else the model config's, else 0 (dense)."""
     if recipe.router.aux_loss_coef is not None:
@@ -210,7 +222,9 @@ def train_and_save(stage: str, trainer, tokenizer, rundir: rundirs.RunDir, recip
     write_adapter_card(staging, stage, parent_chain + [{"kind": stage, "run": str(rundir.out)}])
     metrics = {
         "stage": stage,
-        "seconds": timer.seconds,
+        # a resumed run: its whole training time, the sessions before included (to their checkpoint)
+        "seconds": timer.seconds + totals.seconds_before,
+        "seconds_before_resume": totals.seconds_before if rundir.resume_from else None,
         "world_size": trainer.args.world_size,
         "trainable_parameters": counts,
         "tokens_seen": int(getattr(trainer, "_total_train_tokens", 0)),

@@ -25,7 +25,6 @@ from finetune.guards import NonFiniteGuard
 from finetune.lora import lora_config
 from finetune.recipe import ModelSection, Recipe
 from finetune.stages import common
-from finetune.validate import check
 
 log = logging.getLogger("finetune")
 
@@ -83,12 +82,10 @@ def build_trainer(recipe: Recipe, checked, aux_coef: float, parent: runs.Run, ex
 
 
 def run_dpo(recipe: Recipe, overwrite: bool = False, callbacks=(), resume: bool = False):
-    checked = check(recipe, "dpo")
-    recipe = common.absolute(checked.recipe)
+    checked, recipe = common.resolved_recipe(recipe, "dpo")
     parent = runs.read_run(recipe.from_run)
     recipe.from_run = str(parent.path)
-    aux_coef = common.resolve_aux_coef(recipe, checked.config)
-    recipe.router.aux_loss_coef = aux_coef
+    aux_coef = recipe.router.aux_loss_coef
     inputs = prepare_inputs(recipe, aux_coef, parent)  # trainer_args inside refuses a bad launch too
     rundir = staging.plan(recipe, overwrite, resume)
     model = load_start(parent, checked)  # checks every adapter of the chain against its sha256 first

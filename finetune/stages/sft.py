@@ -19,7 +19,6 @@ from finetune.guards import NonFiniteGuard
 from finetune.lora import lora_config
 from finetune.recipe import Recipe
 from finetune.stages import common
-from finetune.validate import check
 
 log = logging.getLogger("finetune")
 
@@ -27,10 +26,8 @@ log = logging.getLogger("finetune")
 def run_sft(recipe: Recipe, overwrite: bool = False, callbacks=(), resume: bool = False):
     from trl import SFTTrainer
 
-    checked = check(recipe, "sft")
-    recipe = common.absolute(checked.recipe)
-    aux_coef = common.resolve_aux_coef(recipe, checked.config)
-    recipe.router.aux_loss_coef = aux_coef  # the resolved recipe records the number actually used
+    checked, recipe = common.resolved_recipe(recipe, "sft")
+    aux_coef = recipe.router.aux_loss_coef  # the resolved recipe records the number actually used
 
     tokenizer = modeling.load_tokenizer(recipe.model)
     train, eval_ds, report = build_datasets(recipe.data, tokenizer, "sft", recipe.seed)
