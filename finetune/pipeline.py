@@ -75,7 +75,7 @@ def kept_run(recipe, stage: str) -> Path | None:
     for recipe_dict, base in ((have, out), (want, Path.cwd())):  # stored relative to the run; given relative to cwd
         if recipe_dict.get("from_run"):
             recipe_dict["from_run"] = str((base / recipe_dict["from_run"]).resolve())
-    changed = [k for k in staging._changed_keys(have, want) if k != "output_dir"]
+    changed = [k for k in staging.changed_keys(have, want) if k != "output_dir"]
     if changed:
         raise UserError(f"--resume: {out} is a finished {stage} run of another recipe ({', '.join(changed)}); "
                         "restore the recipe, or pass --overwrite to train it again")

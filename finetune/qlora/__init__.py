@@ -78,14 +78,18 @@ def _nf4_class(cls: type) -> type:
     return _CLASSES[cls]
 
 
-def _expert_weight_names(experts) -> list[str]:
+def expert_weight_names(experts) -> list[str]:
     return ["gate_up_proj" if experts.has_gate else "up_proj", "down_proj"]
 
 
-def _experts_modules(model):
-    return [m for m in model.modules()
-            if hasattr(m, "has_gate") and hasattr(m, "_apply_gate") and isinstance(getattr(m, "down_proj", None), torch.nn.Parameter)
-            and m.down_proj.ndim == 3]
+def is_fused_expert_weight(module, name: str) -> bool:
+    """`name` is a fused 3-D expert weight of a transformers experts module (also on the meta device)."""
+    return (hasattr(module, "has_gate") and hasattr(module, "_apply_gate") and name in expert_weight_names(module)
+            and isinstance(getattr(module, name, None), torch.nn.Parameter) and getattr(module, name).ndim == 3)
+
+
+def experts_modules(model):
+    return [m for m in model.modules() if is_fused_expert_weight(m, "down_proj")]
 
 
 @torch.no_grad()
@@ -120,7 +124,7 @@ def quantize_expert_weight(experts, name: str, w: torch.Tensor, compute_dtype: t
     setattr(experts, name, torch.nn.Parameter(placeholder, requires_grad=False))
     done = experts.__dict__.setdefault("nf4_pending", {})
     done[name] = {"shape": tuple(w.shape[1:]), "nested_blocksize": st.state2.blocksize}
-    if all(n in done for n in _expert_weight_names(experts)):
+    if all(n in done for n in expert_weight_names(experts)):
         experts.nf4 = {"dtype": compute_dtype, "weights": experts.__dict__.pop("nf4_pending")}
         experts.__class__ = _nf4_class(type(experts))
     return sum(t.nbytes for k, t in buffers.items() if k.startswith(name))
@@ -137,7 +141,7 @@ def register_staged(model) -> None:
 def quantize_experts_module(experts, compute_dtype: torch.dtype) -> int:
     """Quantize a loaded fused-experts module in place, weight by weight; returns the bytes it now holds."""
     held = 0
-    for name in _expert_weight_names(experts):
+    for name in expert_weight_names(experts):
         if name not in experts.__dict__.get("nf4_pending", {}):
             held += quantize_expert_weight(experts, name, getattr(experts, name), compute_dtype)
     return held
@@ -146,7 +150,7 @@ def quantize_experts_module(experts, compute_dtype: torch.dtype) -> int:
 def quantize_experts(model, compute_dtype: torch.dtype) -> int:
     """Quantize every fused-experts module of the model still in 16-bit, layer by layer (each 16-bit
     weight is freed before the next is quantized); returns how many modules were quantized."""
-    mods = [m for m in _experts_modules(model) if not is_nf4(m)]
+    mods = [m for m in experts_modules(model) if not is_nf4(m)]
     for m in mods:
         quantize_experts_module(m, compute_dtype)
     return len(mods)

@@ -43,11 +43,6 @@ def bnb_config(compute_dtype: torch.dtype):
                               bnb_4bit_compute_dtype=compute_dtype)
 
 
-def _is_fused_expert_weight(module, name: str) -> bool:
-    return (hasattr(module, "has_gate") and hasattr(module, "_apply_gate")
-            and name in qlora._expert_weight_names(module) and getattr(module, name).ndim == 3)
-
-
 def _quantizer_class():
     """transformers' bitsandbytes 4-bit quantizer, extended to the fused experts (defined lazily:
     importing transformers' quantizers needs bitsandbytes, an optional extra)."""
@@ -67,7 +62,7 @@ def _quantizer_class():
             out, linear = {}, {}
             for name, value in input_dict.items():
                 module, attr = get_module_from_name(model, name)
-                if _is_fused_expert_weight(module, attr):
+                if qlora.is_fused_expert_weight(module, attr):
                     value = value[0] if isinstance(value, list) else value
                     qlora.quantize_expert_weight(module, attr, value, self.compute_dtype, staged=True)
                     out[name] = getattr(module, attr)  # the placeholder, which the loader sets again
@@ -80,7 +75,7 @@ def _quantizer_class():
     class ExpertsNF4Quantizer(Bnb4BitHfQuantizer):
         def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
             module, attr = get_module_from_name(model, param_name)
-            return _is_fused_expert_weight(module, attr) or super().param_needs_quantization(model, param_name, **kwargs)
+            return qlora.is_fused_expert_weight(module, attr) or super().param_needs_quantization(model, param_name, **kwargs)
 
         def get_quantize_ops(self):
             return ExpertsNF4Quantize(self)
@@ -134,6 +129,6 @@ def load_quantized(section, device_map=None):
     late = qlora.quantize_experts(model, dtype)
     if late:
         log.warning("4-bit NF4: %d MoE layers' experts were quantized after loading, not while loading", late)
-    n = sum(qlora.is_nf4(m) for m in qlora._experts_modules(model))
+    n = sum(qlora.is_nf4(m) for m in qlora.experts_modules(model))
     log.info("4-bit NF4: linear layers through bitsandbytes, experts of %d MoE layers quantized per expert", n)
     return model

@@ -56,12 +56,13 @@ def _protected(recipe: Recipe) -> dict[str, str]:
     return protected
 
 
-def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two recipe dicts (--resume compares recipes with it)."""
     keys = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            keys += _changed_keys(a, b, f"{prefix}{key}.")
+            keys += changed_keys(a, b, f"{prefix}{key}.")
         elif a != b:
             keys.append(f"{prefix}{key}")
     return keys
@@ -79,7 +80,7 @@ def plan(recipe: Recipe, overwrite: bool, resume: bool) -> RunDir:
             raise UserError(f"--resume: no complete checkpoint in {staging / 'checkpoints'} to continue; "
                             f"run without --resume to start {out} fresh")
         started = yaml.safe_load((staging / START_RECIPE).read_text()) if (staging / START_RECIPE).is_file() else None
-        changed = _changed_keys(started, recipe_to_dict(recipe)) if isinstance(started, dict) else []
+        changed = changed_keys(started, recipe_to_dict(recipe)) if isinstance(started, dict) else []
         if changed:
             raise UserError(f"--resume: the recipe differs from the one the interrupted run started with "
                             f"({', '.join(changed)}); resume with the same recipe and --set values, or delete "
