@@ -68,43 +68,6 @@ def batch(task: str, size: int, generator, span: int = 40) -> tuple[torch.Tensor
     return torch.stack(rows), (30 if task == "fixed" else 5)
 
 
-def passkey_batch(tok, size: int, rng, span: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Prose passkey documents: input ids, labels (padding ignored), and the answer digits' positions."""
-    from finetune.eval.passkey import user_turn
-
-    rows, answers = [], []
-    for _ in range(size):
-        key = str(rng.randint(10_000, 99_999))
-        ids = tok(user_turn(key, rng.randint(0, span), rng.random()) + f" The pass key is {key}.")["input_ids"]
-        ids.append(tok.eos_token_id)
-        answers.append(list(range(len(ids) - 7, len(ids) - 2)))  # ... key, ".", </s>
-        if tok.decode(ids[answers[-1][0]:answers[-1][-1] + 1]).strip() != key:
-            raise RuntimeError("the answer's digits are not where expected: the tokenizer splits digits differently")
-        rows.append(ids)
-    width = max(map(len, rows))
-    x = torch.tensor([r + [tok.eos_token_id] * (width - len(r)) for r in rows])
-    y = torch.tensor([r + [-100] * (width - len(r)) for r in rows])
-    return x, y, torch.tensor(answers)
-
-
-@torch.no_grad()
-def passkey_hits(model, tok, words: int, n: int = 12) -> int:
-    """Greedy retrieval on fresh keys (their own generator), depths spread from start to end."""
-    import random
-
-    from finetune.eval.passkey import user_turn
-
-    rng, hits = random.Random(f"probe-{words}"), 0
-    model.eval()
-    for i in range(n):
-        key = str(rng.randint(10_000, 99_999))
-        ids = tok(user_turn(key, words, i / (n - 1)) + " The pass key is", return_tensors="pt")["input_ids"]
-        out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.eos_token_id)
-        hits += tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip().rstrip(".") == key
-    model.train()
-    return hits
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", choices=("fixed", "anchored", "passkey"), default="anchored")
@@ -145,7 +108,7 @@ def main():
         if args.then_span and step == args.switch_step:
             print(f"span {args.then_span} from here on", flush=True)
         if tok:
-            x, y, answers = passkey_batch(tok, 16, rng, span)
+            x, y, answers = build.passkey_batch(tok, 16, rng, span)
             out = model(input_ids=x, labels=y)
             rows = torch.arange(len(x))[:, None]
             copied = torch.nn.functional.cross_entropy(out.logits[rows, answers - 1].reshape(-1, vocab),
@@ -166,7 +129,7 @@ def main():
     if tok:
         for words in (3, 10, 40, 100):
             n_tokens = len(tok(__import__("finetune.eval.passkey", fromlist=["user_turn"]).user_turn("12345", words, 0.5))["input_ids"])
-            print(f"greedy retrieval, {words} filler words (~{n_tokens} tokens): {passkey_hits(model, tok, words)}/12", flush=True)
+            print(f"greedy retrieval, {words} filler words (~{n_tokens} tokens): {build.prose_retrieval(model, tok, words, seed='probe')}/12", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,16 @@
-"""Build the bundled tiny Mixtral-style base model: train its tokenizer and pretrain it on
-data/tiny-tasks/corpus.txt, writing a Hugging Face model directory.
+"""Build the bundled tiny Mixtral-style base model: train its tokenizer, pretrain it on
+data/tiny-tasks/corpus.txt, then teach it passkey retrieval; writes a Hugging Face model directory.
 
     python model/build_tiny_moe.py                # writes model/tiny-moe/ and its BUILD.md
     python model/build_tiny_moe.py --check        # rebuilds in a temp dir, compares sha256
 
-The result is a ~3.9M-parameter MixtralForCausalLM (8 experts, top-2, GQA) with a Mixtral-style
+The result is a ~3.6M-parameter MixtralForCausalLM (8 experts, top-2, GQA) with a Mixtral-style
 SentencePiece-BPE tokenizer and Mixtral-8x7B-Instruct-v0.1's chat template. It knows the tasks
-of data/tiny-tasks as prose ("the reverse of lamp is pmal.") but has never seen [INST], which is
-what the SFT stage is for. The build is bit-for-bit reproducible on CPU: one seed, a fixed
-thread count, deterministic kernels and a data order drawn only from the seeded generator.
+of data/tiny-tasks as prose ("the reverse of lamp is pmal.") and can retrieve a pass key from
+the passkey check's prompt written as prose ("... What is the pass key? The pass key is 48213."),
+but has never seen [INST], which is what the SFT stage is for. The build is bit-for-bit
+reproducible on CPU: one seed, a fixed thread count, deterministic kernels and a data order
+drawn only from the seeded generators.
 """
 
 import argparse
@@ -16,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import sys
 import tempfile
 import time
@@ -31,6 +34,7 @@ from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_fun
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data" / "tiny-tasks"
 DEFAULT_OUT = ROOT / "model" / "tiny-moe"
+sys.path.insert(0, str(ROOT))  # the passkey documents use the check's own prompt (finetune/eval/passkey.py)
 
 SEED = 0
 THREADS = 1  # a constant: reductions depend on the thread split; and one thread is 4x faster than two when the 2 cores are shared
@@ -54,6 +58,18 @@ MODEL = dict(
 # Many small steps: recall of word facts appears only after ~600-800 optimizer steps, whatever
 # the batch, so 8 blocks of 128 tokens per step buys the most steps per CPU second.
 TRAIN = dict(block=128, batch=8, steps=1800, warmup=100, lr=3e-3, min_lr_ratio=0.1, weight_decay=0.1)
+# Then the retrieval phase: passkey documents (the check's prompt in prose, then "The pass key
+# is KEY.") on even steps, the same fact blocks on odd steps so the facts stay learnt. Copying a
+# key found by content formed neither in the fact schedule (peak 3e-3) nor from a fresh model
+# followed by it (the facts' high rate wiped it); from the fact-trained model at 1e-3 it forms on
+# keys 0-5 filler words away, then extends to 0-40 words (bench/induction_probe.py, README "Long
+# context"). When each stage succeeds varies from run to run (below 0.1 on near keys after ~650
+# steps from an earlier build's weights, after 1951 from this build's; far keys then learnt at
+# once from the former, from near chance in 1468 steps from the latter), so each stage goes on
+# until its key-digit loss is below formed_below (a fixed rule on a seeded run: still
+# reproducible), at most max_steps in all, else the build fails. Filler up to 40 words keeps documents within ~200 tokens, so the check's
+# longer prompts show where retrieval stops.
+RETRIEVAL = dict(warmup=50, lr=1e-3, batch=16, stages_words=(5, 40), formed_below=0.1, max_steps=6000)
 
 # Mixtral-8x7B-Instruct-v0.1's template, verbatim in its semantics.
 CHAT_TEMPLATE = (
@@ -156,6 +172,29 @@ def corpus_blocks(tok, block):
     return torch.tensor(stream[: n * block]).view(n, block), len(stream)
 
 
+def passkey_batch(tok, size, rng, max_words):
+    """Prose passkey documents, right-padded: input ids, labels (padding ignored), the key digits' positions.
+
+    Each is <s> the check's user turn (0..max_words filler words, the key at a random depth)
+    " The pass key is KEY." </s>; keys and depths come from `rng` only.
+    """
+    from finetune.eval.passkey import user_turn
+
+    rows, answers = [], []
+    for _ in range(size):
+        key = str(rng.randint(10_000, 99_999))
+        ids = tok(user_turn(key, rng.randint(0, max_words), rng.random()) + f" The pass key is {key}.")["input_ids"]
+        ids.append(tok.eos_token_id)
+        answers.append(list(range(len(ids) - 7, len(ids) - 2)))  # ... KEY "." </s>
+        if tok.decode(ids[answers[-1][0]:answers[-1][-1] + 1]).strip() != key:
+            raise RuntimeError("the key's digits are not where expected: the tokenizer splits digits differently")
+        rows.append(ids)
+    width = max(map(len, rows))
+    x = torch.tensor([r + [tok.eos_token_id] * (width - len(r)) for r in rows])
+    y = torch.tensor([r + [-100] * (width - len(r)) for r in rows])
+    return x, y, torch.tensor(answers)
+
+
 def lr_at(step):
     """Linear warmup, then cosine down to min_lr_ratio of the peak."""
     if step < TRAIN["warmup"]:
@@ -177,35 +216,114 @@ def per_layer_aux_loss(router_logits, config):
     return torch.stack(losses).mean()
 
 
-def pretrain(model, blocks, generator):
-    """Plain AdamW loop; returns the mean LM loss (aux excluded) of the last 50 steps."""
+def make_optimizer(model):
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "norm" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "norm" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": TRAIN["weight_decay"]},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=TRAIN["lr"], betas=(0.9, 0.95), eps=1e-8)
-    order, cursor, recent = torch.empty(0, dtype=torch.long), 0, []
-    start = time.time()
+    return torch.optim.AdamW([{"params": decay, "weight_decay": TRAIN["weight_decay"]},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=TRAIN["lr"], betas=(0.9, 0.95), eps=1e-8)
+
+
+class FactBlocks:
+    """Corpus blocks in epochs, each shuffled by the seeded generator only."""
+
+    def __init__(self, blocks, generator):
+        self.blocks, self.generator = blocks, generator
+        self.order, self.cursor = torch.empty(0, dtype=torch.long), 0
+
+    def next(self, size):
+        if self.cursor + size > len(self.order):
+            self.order, self.cursor = torch.randperm(len(self.blocks), generator=self.generator), 0
+        batch = self.blocks[self.order[self.cursor : self.cursor + size]]
+        self.cursor += size
+        return batch
+
+
+def step(model, opt, lr, input_ids, labels, with_aux):
+    """One AdamW step at `lr`; returns the LM loss and the logits."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    out = model(input_ids=input_ids, output_router_logits=with_aux)
+    lm_loss = model.loss_function(out.logits, labels, model.config.vocab_size)
+    loss = lm_loss + model.config.router_aux_loss_coef * per_layer_aux_loss(out.router_logits, model.config) if with_aux else lm_loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return lm_loss.item(), out.logits.detach()
+
+
+def pretrain(model, opt, facts):
+    """The fact phase; returns the mean LM loss (aux excluded) of the last 50 steps."""
+    recent, start = [], time.time()
     model.train()
-    for step in range(TRAIN["steps"]):
-        if cursor + TRAIN["batch"] > len(order):  # a fresh epoch, shuffled by the seeded generator only
-            order, cursor = torch.randperm(len(blocks), generator=generator), 0
-        batch = blocks[order[cursor : cursor + TRAIN["batch"]]]
-        cursor += TRAIN["batch"]
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step)
-        out = model(input_ids=batch, output_router_logits=True)
-        lm_loss = model.loss_function(out.logits, batch, model.config.vocab_size)
-        aux = per_layer_aux_loss(out.router_logits, model.config)
-        (lm_loss + model.config.router_aux_loss_coef * aux).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        recent = (recent + [lm_loss.item()])[-50:]
-        if step % 50 == 0 or step == TRAIN["steps"] - 1:
-            print(f"step {step:4d}  lm loss {lm_loss.item():.4f}  aux {aux.item():.4f}  "
-                  f"lr {lr_at(step):.2e}  {time.time() - start:6.1f}s", flush=True)
+    for i in range(TRAIN["steps"]):
+        batch = facts.next(TRAIN["batch"])
+        lm_loss, _ = step(model, opt, lr_at(i), batch, batch, with_aux=True)
+        recent = (recent + [lm_loss])[-50:]
+        if i % 50 == 0 or i == TRAIN["steps"] - 1:
+            print(f"facts step {i:4d}  lm loss {lm_loss:.4f}  lr {lr_at(i):.2e}  {time.time() - start:6.1f}s", flush=True)
     return sum(recent) / len(recent)
+
+
+def train_retrieval(model, blocks, tok):
+    """The retrieval phase (see RETRIEVAL): the last 50 fact steps' mean LM loss, the last stage's
+    final key-digit loss (mean of its last 25 passkey steps), the step each stage ended at.
+
+    A fresh AdamW (decay on every tensor) and a fresh seeded order of the fact blocks, as in the
+    probe that found the phase. Not a speed-up: with the fact phase's optimizer and data order
+    carried on, an earlier fixed-length schedule reached key-digit loss 0.98 at step 1300, this
+    one 1.43 (both on near keys to step 880, far keys after).
+    """
+    opt = torch.optim.AdamW(model.parameters(), lr=RETRIEVAL["lr"], betas=(0.9, 0.95), weight_decay=TRAIN["weight_decay"])
+    facts, rng = FactBlocks(blocks, torch.Generator().manual_seed(SEED)), random.Random(SEED)
+    fact_recent, digit_recent, start = [], [], time.time()
+    stage, stage_ends = 0, []  # index into stages_words; the step each stage ended at
+    i = 0
+    model.train()
+    while stage < len(RETRIEVAL["stages_words"]):
+        lr = RETRIEVAL["lr"] * min(1.0, (i + 1) / RETRIEVAL["warmup"])
+        if i % 2 == 0:
+            words = RETRIEVAL["stages_words"][stage]
+            x, y, answers = passkey_batch(tok, RETRIEVAL["batch"], rng, words)
+            _, logits = step(model, opt, lr, x, y, with_aux=False)
+            rows = torch.arange(len(x))[:, None]
+            digits = torch.nn.functional.cross_entropy(logits[rows, answers - 1].reshape(-1, logits.shape[-1]),
+                                                       x[rows, answers].reshape(-1))
+            digit_recent = (digit_recent + [digits.item()])[-25:]
+            if len(digit_recent) == 25 and sum(digit_recent) / 25 < RETRIEVAL["formed_below"]:
+                print(f"retrieval step {i:4d}  keys 0-{words} filler words away: key-digit loss "
+                      f"{sum(digit_recent) / 25:.3f} < {RETRIEVAL['formed_below']}, stage done", flush=True)
+                stage, digit_loss, digit_recent = stage + 1, sum(digit_recent) / 25, []
+                stage_ends.append(i + 1)
+            elif i + 1 >= RETRIEVAL["max_steps"]:
+                raise RuntimeError(f"copying keys 0-{words} filler words away did not reach a key-digit loss below "
+                                   f"{RETRIEVAL['formed_below']} in {i + 1} retrieval steps ({sum(digit_recent) / 25:.3f})")
+        else:
+            batch = facts.next(TRAIN["batch"])
+            lm_loss, _ = step(model, opt, lr, batch, batch, with_aux=True)
+            fact_recent = (fact_recent + [lm_loss])[-50:]
+        if i % 100 == 99:
+            print(f"retrieval step {i:4d}  key-digit loss {sum(digit_recent) / max(1, len(digit_recent)):.3f} "
+                  f"(chance {math.log(10):.3f})  fact lm loss {sum(fact_recent) / max(1, len(fact_recent)):.4f}  "
+                  f"{time.time() - start:6.1f}s", flush=True)
+        i += 1
+    return dict(final_loss=sum(fact_recent) / len(fact_recent), digit_loss=digit_loss, stage_ends=stage_ends)
+
+
+@torch.no_grad()
+def prose_retrieval(model, tok, words, n=12, seed="build-check"):
+    """Greedy retrieval of fresh keys (their own generator) from prose prompts with `words` filler words, depths 0..1."""
+    from finetune.eval.passkey import user_turn
+
+    rng, hits = random.Random(f"{seed}-{words}"), 0
+    model.eval()
+    for i in range(n):
+        key = str(rng.randint(10_000, 99_999))
+        ids = tok(user_turn(key, words, i / (n - 1)) + " The pass key is", return_tensors="pt")["input_ids"]
+        out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.eos_token_id)
+        hits += tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip().rstrip(".") == key
+    return hits
 
 
 @torch.no_grad()
@@ -242,8 +360,12 @@ def build(out):
     model = MixtralForCausalLM(config)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params:,} parameters")
-    generator = torch.Generator().manual_seed(SEED)
-    final_loss = pretrain(model, blocks, generator)
+    fact_loss = pretrain(model, make_optimizer(model), FactBlocks(blocks, torch.Generator().manual_seed(SEED)))
+    phase = train_retrieval(model, blocks, tok)
+    retrieval = {words: prose_retrieval(model, tok, words) for words in RETRIEVAL_CHECK_WORDS}
+    print(f"prose retrieval (of 12) by filler words: {retrieval}")
+    if retrieval[RETRIEVAL_CHECK_WORDS[0]] < 10:
+        raise RuntimeError(f"the model retrieves {retrieval[RETRIEVAL_CHECK_WORDS[0]]} of 12 keys in short prose prompts after the retrieval phase")
 
     counts = expert_counts(model, blocks)
     for layer, c in enumerate(counts):
@@ -260,9 +382,10 @@ def build(out):
     sample = (DATA / "corpus.txt").read_text(encoding="utf-8")[:2000]
     if reloaded(sample)["input_ids"] != tok(sample)["input_ids"]:
         raise RuntimeError(f"the tokenizer saved in {out} tokenizes differently after loading")
-    return dict(n_params=n_params, n_tokens=n_tokens, final_loss=final_loss, counts=counts,
-                seconds=time.time() - start, sha=sha256(out / "model.safetensors"))
+    return dict(n_params=n_params, n_tokens=n_tokens, fact_loss=fact_loss, **phase, retrieval=retrieval, counts=counts, seconds=time.time() - start, sha=sha256(out / "model.safetensors"))
 
+
+RETRIEVAL_CHECK_WORDS = (3, 10, 40, 100)  # ~104, 121, 195, 341 tokens; the last is past the trained 40 words
 
 LOSS_TOLERANCE = 0.02
 """Relative gap allowed between a rebuild's final LM loss and the committed model's, across machines."""
@@ -308,7 +431,8 @@ Steps:
 1. Tokenizer: SentencePiece-style BPE (Metaspace, byte_fallback) trained with `tokenizers` on
    data/tiny-tasks/corpus.txt plus the user phrasings of sft.jsonl;
    ids 0-2 are <unk> <s> </s>, 3-258 the byte tokens, then {BPE_VOCAB} learned pieces, then the
-   special added tokens [INST] and [/INST]. Wrapped as transformers' LlamaTokenizer (legacy=True,
+   special added tokens [INST] and [/INST]. Wrapped as transformers' PreTrainedTokenizerFast
+   (tokenizer.json as is, Metaspace prepend_scheme "always" as Mixtral's legacy tokenizer;
    add_bos_token=True, no pad token) with Mixtral-8x7B-Instruct-v0.1's chat template.
 2. Model: MixtralForCausalLM, {json.dumps(MODEL)}, vocab {facts.get('vocab', '')}:
    {facts['n_params']:,} parameters, fp32; directory size {size / 2**20:.1f} MiB.
@@ -316,9 +440,19 @@ Steps:
    packed into blocks): {json.dumps(TRAIN)}; AdamW (0.9, 0.95), grad clip 1.0, seed {SEED},
    output_router_logits on and the load-balancing loss (coef {MODEL['router_aux_loss_coef']}) applied per layer
    (transformers pools all layers into one balance term, which let experts die in single layers).
+   LM loss at the end of this phase {facts['fact_loss']:.4f} (mean of the last 50 steps, aux loss excluded).
+4. Retrieval phase, a fresh AdamW (0.9, 0.95; weight decay {TRAIN['weight_decay']} on every tensor), linear warmup then
+   constant: {json.dumps(RETRIEVAL)}; even steps are
+   batches of passkey documents (the check's user turn of finetune/eval/passkey.py in prose with
+   0..N filler words, N = {' then '.join(map(str, RETRIEVAL['stages_words']))}, each stage until its key-digit loss was below
+   formed_below: here they ended at steps {', '.join(map(str, facts['stage_ends']))}; then " The pass key is KEY." and
+   </s>; keys and depths from random.Random({SEED})), odd steps fact blocks as in 3 (a fresh order from seed {SEED}).
+   Key-digit loss at the end (mean of the last 25 passkey steps): {facts['digit_loss']:.3f} (chance {math.log(10):.3f}).
    Saved with output_router_logits false, as in the real Mixtral config.
 
-Result: final LM loss {facts['final_loss']:.4f} (mean of the last 50 steps, aux loss excluded);
+Result: final LM loss {facts['final_loss']:.4f} (fact blocks of the retrieval phase, mean of the last 50, aux
+loss excluded); greedy retrieval of 12 fresh keys from prose prompts (" ... What is the pass key? The
+pass key is"), by filler words: {', '.join(f"{w} words {h}/12" for w, h in facts['retrieval'].items())};
 build time {facts['seconds']:.0f} s wall.
 
 Tokens routed to each expert (top-2) per layer over 64 corpus blocks:

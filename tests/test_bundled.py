@@ -40,6 +40,38 @@ def test_tiny_model_knows_the_task_language():
     assert loss < 2.0, loss  # far below uniform (ln vocab): it was pretrained on the corpus
 
 
+def load_build_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_tiny_moe", TINY_MOE.parent / "build_tiny_moe.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    return build
+
+
+def test_tiny_model_retrieves_a_pass_key_written_as_prose():
+    """The build's retrieval phase (0-40 filler words): keys come back from prose prompts; this is
+    what SFT on passkey_sft.jsonl carries into the chat form that `finetune eval --passkey` asks."""
+    build = load_build_module()
+    tok = AutoTokenizer.from_pretrained(TINY_MOE)
+    model = AutoModelForCausalLM.from_pretrained(TINY_MOE).eval()
+    assert build.prose_retrieval(model, tok, 10) >= 10  # measured 11 of 12 (model/tiny-moe/BUILD.md)
+
+
+def test_passkey_documents_mark_the_key_digits():
+    import random
+
+    build = load_build_module()
+    tok = AutoTokenizer.from_pretrained(TINY_MOE)
+    x, y, answers = build.passkey_batch(tok, 4, random.Random(0), 40)
+    for row, labels, at in zip(x, y, answers):
+        text = tok.decode(row[labels != -100])
+        key = tok.decode(row[at]).replace(" ", "")
+        assert len(key) == 5 and key.isdigit()
+        assert f"The pass key is {key}. Remember it. {key} is the pass key." in text
+        assert text.rstrip().endswith(f"What is the pass key? The pass key is {key}.</s>")
+
+
 def test_data_files_have_the_documented_forms():
     def rows(name):
         return [json.loads(line) for line in (TINY_TASKS / name).read_text().splitlines() if line.strip()]
@@ -58,9 +90,9 @@ def test_data_files_have_the_documented_forms():
 def test_build_script_reproduces_the_committed_weights():
     """model/build_tiny_moe.py --check retrains from its seed and compares every tensor bit for bit; on
     another CPU type (other float summation order) it requires the committed model's final loss within 2%
-    instead. Minutes on 2 cores."""
+    instead. About 24 minutes on one core (model/tiny-moe/BUILD.md: 1420 s)."""
     proc = subprocess.run([sys.executable, str(TINY_MOE.parent / "build_tiny_moe.py"), "--check"],
-                          capture_output=True, text=True, timeout=1800)
+                          capture_output=True, text=True, timeout=3000)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     out = proc.stdout + proc.stderr
     # bit for bit on the machine that built it; elsewhere the same quality (see the script's --check)
@@ -68,13 +100,9 @@ def test_build_script_reproduces_the_committed_weights():
 
 
 def test_check_compares_tensors_bit_for_bit(tmp_path):
-    import importlib.util
-
     from safetensors.torch import save_file
 
-    spec = importlib.util.spec_from_file_location("build_tiny_moe", TINY_MOE.parent / "build_tiny_moe.py")
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
+    build = load_build_module()
     a = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(3)}
     save_file(a, tmp_path / "a.safetensors")
     save_file(a, tmp_path / "same.safetensors", metadata={"format": "pt"})  # other header, same tensors
