@@ -173,11 +173,4 @@ def format_summary(summary: dict) -> str:
 
 
 def _by_length(grid: dict) -> list[str]:
-    out = []
-    for length in grid["lengths"]:
-        cells = [c for c in grid["cells"] if c["length"] == length]
-        if cells[0]["status"] != "ok":
-            out.append("beyond")
-        else:
-            out.append(f"{sum(c['accuracy'] for c in cells) / len(cells):.2f}")
-    return out
+    return ["beyond" if accuracy is None else f"{accuracy:.2f}" for accuracy in passkey.accuracy_by_length(grid).values()]

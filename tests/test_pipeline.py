@@ -10,6 +10,7 @@ import yaml
 from conftest import REPO, TINY_TASKS
 
 from finetune.chain import load_for_inference
+from finetune.eval.passkey import accuracy_by_length
 from finetune.eval.scores import evaluate
 from finetune.pipeline import run_pipeline
 
@@ -50,12 +51,9 @@ def test_pipeline_on_bundled_default_improves_each_stage(tmp_path, monkeypatch):
         assert all(c["n"] == 4 for c in grid["cells"] if c["length"] < 512)
     assert keys["base"]["accuracy"] == 0.0
 
-    def at(stage, length):
-        cells = [c for c in keys[stage]["cells"] if c["length"] == length]
-        return sum(c["accuracy"] for c in cells) / len(cells)
-
     for stage in ("sft", "dpo", "export"):
-        assert at(stage, 128) >= 0.6 and at(stage, 496) <= 0.25, (stage, keys[stage]["accuracy"])
+        by_length = accuracy_by_length(keys[stage])
+        assert by_length[128] >= 0.6 and by_length[496] <= 0.25, (stage, by_length)
     assert (tmp_path / "runs" / "dpo" / "passkey" / "sft" / "passkey.png").is_file()
 
     # bfloat16 (what a GPU evaluates in) agrees with float32 on the exported model.

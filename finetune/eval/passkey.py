@@ -160,6 +160,15 @@ def lookup(results: dict, length: int, depth: float) -> dict:
     return next(c for c in results["cells"] if c["length"] == length and c["depth"] == depth)
 
 
+def accuracy_by_length(results: dict) -> dict[int, float | None]:
+    """Mean accuracy over the depths of each length; None for a length beyond the context."""
+    out = {}
+    for length in results["lengths"]:
+        cells = [c for c in results["cells"] if c["length"] == length]
+        out[length] = None if cells[0]["status"] != "ok" else sum(c["accuracy"] for c in cells) / len(cells)
+    return out
+
+
 def markdown(results: dict, name: str) -> str:
     """Accuracy table: one row per depth, one column per length."""
     head = "| depth \\ length | " + " | ".join(str(n) for n in results["lengths"]) + " |"
