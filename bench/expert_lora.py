@@ -154,7 +154,7 @@ def peak_gib(device) -> float | None:
 def bench_path(base, name, a):
     from peft import LoraConfig, get_peft_model
 
-    from finetune.expert_lora import enable_fast_expert_lora
+    from finetune.lora.fast_experts import enable_fast_expert_lora
 
     on_experts, impl, fast = PATHS[name]
     base.set_experts_implementation(impl)

@@ -74,8 +74,9 @@ def measure(path: str, quantized, dtype: str) -> dict:
     from transformers import AutoModelForCausalLM
     from transformers.models.mixtral import modeling_mixtral  # noqa: F401
 
-    from finetune import qlora
+    from finetune.qlora.experts import quantize_experts
     from finetune.qlora.loading import bnb_config, load_quantized
+    from finetune.qlora.memory import resident_bytes
     from finetune.recipe import ModelSection
 
     baseline, baseline_anon = _status("VmRSS"), _status("RssAnon")
@@ -84,11 +85,11 @@ def measure(path: str, quantized, dtype: str) -> dict:
     section = ModelSection(name_or_path=path, dtype=dtype)
     if quantized in (True, "while"):
         model = load_quantized(section)
-        held = qlora.resident_bytes(model)
+        held = resident_bytes(model)
     elif quantized == "after":
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), quantization_config=bnb_config(getattr(torch, dtype)))
-        qlora.quantize_experts(model, getattr(torch, dtype))
-        held = qlora.resident_bytes(model)
+        quantize_experts(model, getattr(torch, dtype))
+        held = resident_bytes(model)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
         held = {"other": sum(p.nbytes for p in model.parameters()) + sum(b.nbytes for b in model.buffers())}

@@ -79,10 +79,10 @@ class _Attribution:
 
         for event in ("on_train_begin", "on_pre_optimizer_step", "on_log", "on_train_end"):
             setattr(callback, event, self.wrap(getattr(callback, event)))
-        saved = {name: getattr(RoutingCapture, name) for name in ("_begin", "_end", "_router_hook")}
-        RoutingCapture._begin = self.wrap(saved["_begin"])
-        RoutingCapture._end = self.wrap(saved["_end"])
-        RoutingCapture._router_hook = lambda cap, pos, name: self.wrap(saved["_router_hook"](cap, pos, name))
+        saved = {name: getattr(RoutingCapture, name) for name in ("on_forward_start", "on_forward_end", "router_hook")}
+        RoutingCapture.on_forward_start = self.wrap(saved["on_forward_start"])
+        RoutingCapture.on_forward_end = self.wrap(saved["on_forward_end"])
+        RoutingCapture.router_hook = lambda cap, pos, name: self.wrap(saved["router_hook"](cap, pos, name))
 
         def undo():
             for name, fn in saved.items():

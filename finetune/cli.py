@@ -15,9 +15,12 @@ User errors print what, where and how to fix, and exit with status 2 (no traceba
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
+import warnings
+from pathlib import Path
 
 from finetune.errors import CheckFailed, UserError
 
@@ -38,7 +41,9 @@ def positive_int(text: str) -> int:
 def shard_size(text: str) -> int | str:
     """argparse type for --max-shard-size, parsed the way transformers' save_pretrained will parse it,
     so a bad size fails before the merge instead of after it. Bare digits are bytes."""
-    from transformers.utils.hub import convert_file_size_to_int
+    from transformers.utils.hub import (
+        convert_file_size_to_int,  # transformers on use only: `finetune --help` stays fast
+    )
 
     value: int | str = int(text) if text.isdigit() else text
     try:
@@ -135,7 +140,11 @@ def _configure_logging(quiet: bool) -> None:
     level = logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import transformers
+    # PEFT checks rank/alpha pattern keys against module names only, so the keys for expert and
+    # router parameters (target_parameters) are reported as unmatched although PEFT applies them;
+    # tests/unit/test_sft.py checks the ranks that expert adapters actually get.
+    warnings.filterwarnings("ignore", message=r"The following (rank|alpha)_pattern keys did not match")
+    import transformers  # imported after argument parsing: `finetune --help` answers without torch
 
     transformers.logging.set_verbosity_warning()
 
@@ -144,8 +153,6 @@ def check_output_path(path: str, flag: str, directory: bool) -> None:
     """Refuse, before any work, an output the command could not write: a path below a regular
     file, a report directory that is a file, a results file that is a directory, or an existing
     file this project did not write (eval replaces only its own results JSON)."""
-    from pathlib import Path
-
     out = Path(path)
     for parent in out.parents:
         if parent.exists() and not parent.is_dir():
@@ -155,8 +162,6 @@ def check_output_path(path: str, flag: str, directory: bool) -> None:
     if not directory and out.is_dir():
         raise UserError(f"{flag} {path} is a directory; give the path of the JSON file to write")
     if not directory and out.exists():
-        import json
-
         try:
             ours = set(json.loads(out.read_text(encoding="utf-8"))) >= {"model", "results"}
         except (OSError, ValueError, TypeError):
@@ -167,45 +172,61 @@ def check_output_path(path: str, flag: str, directory: bool) -> None:
 
 
 def dispatch(args) -> int:
-    from finetune.recipe import read_recipe
+    from finetune.recipe import (
+        read_recipe,  # each command imports its own layers: `finetune --help` loads no torch
+    )
 
     if args.command == "validate":
-        from finetune.validate import check
+        from finetune.validate import (
+            check,  # torch/transformers load only for the command that needs them
+        )
 
         checked = check(read_recipe(args.recipe, args.overrides))
-        groups = ", ".join(f"{k} ({', '.join(g.targets)}; r={g.r})" for k, g in checked.plan.groups.items())
-        print(f"{args.recipe}: OK ({checked.stage}; LoRA on {groups}; router {checked.plan.router_policy})")
+        groups = ", ".join(f"{k} ({', '.join(g.targets)}; r={g.r})" for k, g in checked.targets.groups.items())
+        print(f"{args.recipe}: OK ({checked.stage}; LoRA on {groups}; router {checked.targets.router_policy})")
         return 0
     if args.command == "sft":
-        from finetune.stages.sft import run_sft
+        from finetune.stages.sft import (
+            run_sft,  # torch/trl load only for the command that needs them
+        )
 
         run_sft(read_recipe(args.recipe, args.overrides), overwrite=args.overwrite, resume=args.resume)
         return 0
     if args.command == "dpo":
-        from finetune.stages.dpo import run_dpo
+        from finetune.stages.dpo import (
+            run_dpo,  # torch/trl load only for the command that needs them
+        )
 
         run_dpo(read_recipe(args.recipe, args.overrides), overwrite=args.overwrite, resume=args.resume)
         return 0
     if args.command == "export":
-        from finetune.export import export
+        from finetune.export import (
+            export,  # torch/peft load only for the command that needs them
+        )
 
         export(args.run, args.output, dtype=args.dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
                forward_check=args.forward_check)
         return 0
     if args.command == "eval":
-        from finetune.eval.scores import evaluate_cli
+        from finetune.eval.scores import (
+            evaluate_cli,  # torch loads only for the command that needs it
+        )
 
         if args.output:
             check_output_path(args.output, "--output", directory=False)
         return evaluate_cli(args)
     if args.command == "pipeline":
-        from finetune.pipeline import run_pipeline
+        from finetune.pipeline import (
+            run_pipeline,  # torch/trl load only for the command that needs them
+        )
 
         run_pipeline(args.recipes, args.eval_data, args.export_dir, args.export_dtype, args.overrides, args.overwrite,
                      with_passkey=not args.no_passkey, resume=args.resume)
         return 0
     if args.command == "routing":
-        from finetune.routing.cli import routing_cli
+        from finetune.routing.cli import (
+            routing_cli,  # torch/matplotlib load only for the command that needs them
+        )
 
         check_output_path(args.output, "--output", directory=True)
         return routing_cli(args)

@@ -47,7 +47,7 @@ def _read_text(path: Path, source: str) -> str:
 
 def _open_parquet(path: Path, source: str):
     """Read the footer first: datasets would otherwise start a cache for a file that is not Parquet."""
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # only for .parquet sources: validate stays fast
 
     try:
         return pq.ParquetFile(path)
@@ -107,7 +107,9 @@ def read_rows(source: str) -> list[Row]:
 
 
 def _read_hub(source: str) -> list[Row]:
-    from datasets import load_dataset
+    from datasets import (
+        load_dataset,  # datasets costs ~1 s to import: only for hub sources
+    )
 
     name, _, split = source.partition(":")
     try:

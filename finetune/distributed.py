@@ -5,7 +5,7 @@
 
 accelerate's launcher (torchrun underneath) starts the ranks and tells each one, through
 environment variables, which mode to run; transformers' Trainer builds the Accelerator that
-shards the model. The stages (via finetune/stages/common.py) call this module at a few points,
+shards the model. The stages (via finetune/train/) call this module at a few points,
 one line each:
 
   require_deepspeed(), check_launch(args)   when the trainer arguments are built, before
@@ -22,8 +22,9 @@ one line each:
                          rank's peak host RSS; the adapter tensors gathered from their shards
                          (FSDP2 DTensors, ZeRO-3 partitions), for rank 0 to write.
 
-Tests: tests/test_distributed.py (2 processes on CPU, gloo; tests/cpu_launch.py is the shim
+Tests: tests/e2e/test_distributed.py (2 processes on CPU, gloo; tests/cpu_launch.py is the shim
 that lets accelerate run FSDP2 and ZeRO-3 on CPU processes).
+Layer: distributed (beside modeling and runs); imports modeling, moe, errors.
 """
 
 from __future__ import annotations
@@ -35,8 +36,12 @@ import resource
 import sys
 
 import torch
+from torch.distributed.tensor import DTensor
+from transformers import AutoModelForCausalLM
 
 from finetune.errors import UserError
+from finetune.modeling import resolve_dtype
+from finetune.moe import moe_block_classes
 
 log = logging.getLogger("finetune")
 
@@ -117,10 +122,6 @@ def load_base(load, config, section):
     if rank == 0:
         model = load()
     else:
-        from transformers import AutoModelForCausalLM
-
-        from finetune.modeling import resolve_dtype
-
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(
                 config, dtype=resolve_dtype(section.dtype), attn_implementation=section.attn_implementation,
@@ -182,19 +183,11 @@ def sharded_by(trainer) -> str | None:
     return None
 
 
-def moe_block_classes(model) -> list[type]:
-    """Classes of the sparse MoE blocks: modules holding both `experts` and a router `gate`."""
-    from finetune.lora import find_routers
-
-    blocks = {name.rpartition(".")[0] for name in find_routers(model)}
-    return sorted({type(model.get_submodule(b)) for b in blocks}, key=lambda c: c.__name__)
-
-
 def register_zero3_leaves(model) -> None:
     """Make each MoE block a ZeRO-3 leaf: its parameters (all experts, their LoRA, the router) are
     gathered once when the block runs, instead of module by module, and no hooks are put on its
     children, so the fast expert LoRA path (which never calls the experts module) can serve it."""
-    import deepspeed
+    import deepspeed  # optional extra (finetune[deepspeed]): imported only under ZeRO-3
 
     # DeepSpeed 0.19 does this itself for Mixtral and Qwen2/3-MoE blocks by default (its
     # zero_optimization.leaf_module config); this covers every MoE model, older DeepSpeed, and
@@ -224,11 +217,10 @@ def adapter_state_dict(trainer) -> dict | None:
     model = trainer.model
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if mode == "zero3":
-        import deepspeed
+        import deepspeed  # optional extra (finetune[deepspeed]): imported only under ZeRO-3
 
         with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
             return {n: p.detach().to("cpu", copy=True) for n, p in named}
-    from torch.distributed.tensor import DTensor
 
     sharded = sum(isinstance(p, DTensor) for _, p in named)
     log.info("gathering %d adapter tensors (%d sharded) on rank %d", len(named), sharded, torch.distributed.get_rank())

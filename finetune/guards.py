@@ -6,7 +6,7 @@ so the run logged loss 0.0000 and was marked finished. This TrainerCallback rais
 `CheckFailed` (exit status 1) naming the step instead; the exception leaves trainer.train()
 before the stage saves anything, so the run is never marked finished.
 
-Attached by `finetune sft` and `finetune dpo` (finetune/stages); test: tests/test_hostile.py.
+Attached by `finetune sft` and `finetune dpo` (finetune/stages); test: tests/e2e/test_hostile.py.
 """
 
 from __future__ import annotations

@@ -2,6 +2,9 @@
 
 Also builds the model on the meta device (no weights, no memory) so recipe checks can match
 LoRA targets against Mixtral-8x7B instantly. Used by every stage; nothing here trains.
+
+    finetune validate recipes/mixtral-8x7b/sft.yaml     # config and meta model, offline
+Layer: modeling (bottom, beside moe/data/runs); imports recipe and errors.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ log = logging.getLogger(__name__)
 # targets with no network (CI, air-gapped clusters). Only config.json: no weights.
 BUNDLED_CONFIGS = Path(__file__).resolve().parent.parent / "model" / "configs"
 
+# The one table of dtype names (recipes, --dtype flags, placement, export).
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -134,13 +138,9 @@ def _not_found(name: str) -> str:
     return ""
 
 
-def load_model(section: ModelSection, device_map=None):
-    """The base model with real weights, in the recipe's dtype and attention kernel (4-bit with
-    `model.quantization: nf4`, finetune/qlora/__init__.py)."""
-    if getattr(section, "quantization", "none") == "nf4":
-        from finetune.qlora.loading import load_quantized
-
-        return load_quantized(section, device_map=device_map)
+def load_pretrained(section: ModelSection, device_map=None):
+    """The base model with real weights in 16/32-bit, in the recipe's dtype and attention kernel.
+    (finetune/load.load_model is the one place that chooses between this and the 4-bit loader.)"""
     try:
         model = AutoModelForCausalLM.from_pretrained(
             section.name_or_path,

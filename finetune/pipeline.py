@@ -23,16 +23,17 @@ from pathlib import Path
 
 import yaml
 
-from finetune.chain import load_for_inference
 from finetune.errors import UserError
 from finetune.eval import passkey, report
 from finetune.eval.scores import evaluate
 from finetune.export import export
+from finetune.load.chain import load_for_inference
 from finetune.recipe import read_recipe, recipe_to_dict
-from finetune.runs import outputs, read_run, staging, verify_adapters
+from finetune.runs import check_adapter_hashes, outputs, read_run, staging
 from finetune.runs.resume import newest_checkpoint
 from finetune.stages.dpo import run_dpo
 from finetune.stages.sft import run_sft
+from finetune.validate.resolve import resolved_recipe
 
 log = logging.getLogger("finetune")
 
@@ -62,8 +63,6 @@ def _score(name: str, data: list[str], passkey_dir: Path | None) -> tuple[dict, 
 def kept_run(recipe, stage: str) -> Path | None:
     """--resume: the finished run at the recipe's output_dir if it was trained from this recipe,
     None if there is none; a UserError if it was trained from another one."""
-    from finetune.stages.common import resolved_recipe
-
     out = Path(recipe.output_dir).resolve()
     if not outputs.is_finished_run(out):
         return None
@@ -79,7 +78,7 @@ def kept_run(recipe, stage: str) -> Path | None:
     if changed:
         raise UserError(f"--resume: {out} is a finished {stage} run of another recipe ({', '.join(changed)}); "
                         "restore the recipe, or pass --overwrite to train it again")
-    verify_adapters(read_run(out))
+    check_adapter_hashes(read_run(out))
     return out
 
 

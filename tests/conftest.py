@@ -82,7 +82,12 @@ def build_tokenizer():
 def build_model(kind: str = "mixtral", *, seed: int = 0, experts_implementation: str | None = None, **config):
     """The one builder of tiny random models for every test: a MixtralForCausalLM (or a dense
     MistralForCausalLM) from these defaults updated by `config`, seeded so weights repeat."""
-    from transformers import MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM
+    from transformers import (
+        MistralConfig,
+        MistralForCausalLM,
+        MixtralConfig,
+        MixtralForCausalLM,
+    )
 
     torch.manual_seed(seed)
     settings = dict(

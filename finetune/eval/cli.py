@@ -18,7 +18,7 @@ log = logging.getLogger("finetune")
 
 
 @dataclass
-class LongContextPlan:
+class LongContextRequest:
     lengths: list[int] | None
     depths: list[float]
     contexts: list[int] | None
@@ -26,7 +26,7 @@ class LongContextPlan:
     out: Path
 
 
-def check_args(args) -> LongContextPlan:
+def check_args(args) -> LongContextRequest:
     """Every flag of the long-context checks, checked before the model loads (which can take minutes)."""
     if args.trials < 1:
         raise UserError(f"--trials {args.trials}: at least 1 prompt per (length, depth) cell")
@@ -43,7 +43,7 @@ def check_args(args) -> LongContextPlan:
     out = Path(args.report_dir) if args.report_dir else Path("eval-reports") / Path(args.model.rstrip("/")).name
     if out.exists() and not out.is_dir():
         raise UserError(f"--report-dir {out}: exists and is not a directory")
-    return LongContextPlan(lengths, depths, contexts, text, out)
+    return LongContextRequest(lengths, depths, contexts, text, out)
 
 
 def default_contexts(limit: int | None, score_tokens: int) -> list[int]:
@@ -56,21 +56,21 @@ def default_contexts(limit: int | None, score_tokens: int) -> list[int]:
     return out or [top]
 
 
-def run(model, tokenizer, args, plan: LongContextPlan) -> dict:
+def run(model, tokenizer, args, request: LongContextRequest) -> dict:
     name = args.model
     results = {}
     if args.passkey:
-        lengths = plan.lengths or passkey.default_lengths(passkey.context_of(model))
-        grid = passkey.passkey_grid(model, tokenizer, lengths, plan.depths, trials=args.trials, seed=args.seed,
+        lengths = request.lengths or passkey.default_lengths(passkey.context_of(model))
+        grid = passkey.passkey_grid(model, tokenizer, lengths, request.depths, trials=args.trials, seed=args.seed,
                                     batch_size=args.batch_size)
-        files = report.write_passkey(grid, plan.out, name)
+        files = report.write_passkey(grid, request.out, name)
         print(passkey.markdown(grid, name))
         print("written: " + ", ".join(str(f) for f in files))
         results["passkey"] = grid
     if args.long_ppl:
-        contexts = plan.contexts or default_contexts(passkey.context_of(model), 128)
-        curve = long_ppl.long_ppl(model, tokenizer, plan.text, contexts)
-        files = report.write_long_ppl(curve, plan.out, name, args.long_ppl)
+        contexts = request.contexts or default_contexts(passkey.context_of(model), 128)
+        curve = long_ppl.long_ppl(model, tokenizer, request.text, contexts)
+        files = report.write_long_ppl(curve, request.out, name, args.long_ppl)
         print(long_ppl.markdown(curve, name, args.long_ppl))
         print("written: " + ", ".join(str(f) for f in files))
         results["long_ppl"] = curve

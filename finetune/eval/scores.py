@@ -19,9 +19,19 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from finetune.chain import load_for_inference
-from finetune.data import RowError, as_messages, check_messages, message_text, read_rows, sft_messages, tokenize_sft
+from finetune.data import (
+    RowError,
+    as_messages,
+    check_messages,
+    message_text,
+    read_rows,
+    sft_messages,
+    tokenize_sft,
+)
 from finetune.errors import UserError
+from finetune.eval import cli as long_context
+from finetune.eval.report import write_atomic
+from finetune.load.chain import load_for_inference
 
 
 def _kind(row: dict, where: str) -> str:
@@ -169,18 +179,15 @@ def format_table(name: str, results: dict) -> str:
 
 
 def evaluate_cli(args) -> int:
-    from finetune.eval import cli as long_context
-
-    plan = long_context.check_args(args)
+    request = long_context.check_args(args)
     model, tokenizer = load_for_inference(args.model, args.dtype, args.device)
     if args.data:
         results = evaluate(model, tokenizer, args.data, args.max_new_tokens, args.batch_size)
         print(format_table(args.model, results))
         if args.output:  # cli.check_output_path has refused paths we could not or should not write
-            from finetune.eval.report import write_atomic
 
             out = Path(args.output)
             out.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(out, json.dumps({"model": args.model, "results": results}, indent=2))
-    long_context.run(model, tokenizer, args, plan)
+    long_context.run(model, tokenizer, args, request)
     return 0

@@ -26,12 +26,13 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig
+from transformers import AutoModelForCausalLM, GenerationConfig
 
-from finetune import chain, modeling, runs
+from finetune import modeling, runs
 from finetune.errors import UserError
 from finetune.export import merge, shards, verify
 from finetune.export.model_card import write_model_card
+from finetune.export.nf4_check import check_against_4bit, probe_logits
 from finetune.export.tokenizer_files import save_tokenizer
 from finetune.recipe import ModelSection
 from finetune.runs.outputs import check_destination, swap_into_place
@@ -123,9 +124,9 @@ def export(run_dir: str, output: str, dtype: str = "bfloat16", max_shard_size: s
         raise UserError(f"--forward-check {forward_check!r}: choose one of {', '.join(FORWARD_CHECKS)}")
     shards.parse_size(max_shard_size)
     output = _check_destination(output, overwrite, run)
-    runs.verify_adapters(run)  # a damaged chain fails now, by file name, before any shard is read
+    runs.check_adapter_hashes(run)  # a damaged chain fails now, by file name, before any shard is read
     base_dir = shards.checkpoint_dir(run.recipe.model.name_or_path)
-    adapter_dirs = chain.adapter_dirs(run)
+    adapter_dirs = runs.adapter_dirs(run)
     tokenizer = modeling.load_tokenizer(ModelSection(name_or_path=str(run.path)))
     output.parent.mkdir(parents=True, exist_ok=True)  # only now: every check on the inputs has passed
     torch_dtype = modeling.DTYPES[dtype]
@@ -154,15 +155,11 @@ def export(run_dir: str, output: str, dtype: str = "bfloat16", max_shard_size: s
             "tokenizer": tokenizer_info, "end_of_turn_token": eot,
             "seconds": time.perf_counter() - started,
         }
-        if run.recipe.model.quantization == "nf4":
+        if run.recipe.model.quantized:
             # a 4-bit (QLoRA) run merged into the original 16-bit base: compared with its 4-bit self too
-            from transformers import AutoModelForCausalLM
-
-            from finetune.qlora.chain import check_against_4bit
-
             probe = probe_batch(tokenizer)
             reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch_dtype).eval()
-            manifest.update(check_against_4bit(run, probe, chain.probe_logits(reloaded, probe)))
+            manifest.update(check_against_4bit(run, probe, probe_logits(reloaded, probe)))
             del reloaded
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         write_model_card(tmp, output.name, run, manifest)

@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from peft import PeftModel
+from peft.tuners.lora.layer import Linear, LoraLayer, ParamWrapper
+from peft.utils.other import ModulesToSaveWrapper
 from safetensors import SafetensorError, safe_open
 
 from finetune.errors import UserError
@@ -103,8 +106,6 @@ def _owner(module_name: str) -> str:
 
 def read_adapter(meta_model_fn, path: Path) -> Adapter:
     """The terms of one adapter directory: PEFT's structure on a fresh meta model, factors from the file."""
-    from peft import PeftModel
-
     path = Path(path)
     config_file, weights_file = path / "adapter_config.json", path / "adapter_model.safetensors"
     if not config_file.is_file() or not weights_file.is_file():
@@ -123,9 +124,6 @@ def read_adapter(meta_model_fn, path: Path) -> Adapter:
 
 
 def _read_terms(adapter: Adapter, weights_file: Path) -> Adapter:
-    from peft.tuners.lora.layer import Linear, LoraLayer, ParamWrapper
-    from peft.utils.other import ModulesToSaveWrapper
-
     path, peft_model = adapter.path, adapter.peft_model
     with safe_open(str(weights_file), "pt") as f:
         stored = set(f.keys())

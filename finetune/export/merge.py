@@ -19,18 +19,22 @@ independent route (finetune/export/verify.py: PEFT's own delta code) and compare
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import time
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from tqdm.auto import tqdm
 from transformers import AutoConfig
-from transformers.core_model_loading import revert_weight_conversion
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import PrefixChange, revert_weight_conversion
 
 from finetune import modeling
-from finetune.export import deltas, shards
 from finetune.errors import CheckFailed, UserError
+from finetune.export import deltas, shards
 
 log = logging.getLogger("finetune")
 
@@ -54,9 +58,6 @@ def disk_layout_model(config):
     for a 184-layer model: minutes over an export); the list is what it builds for a model made
     from a config (no legacy renamings, no prefix changes).
     """
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import PrefixChange
-
     meta = modeling.meta_model(config)
     conversions = get_model_conversion_mapping(meta, add_legacy=False)
     meta._weight_conversions = [c for c in conversions if not isinstance(c, PrefixChange)]
@@ -127,9 +128,6 @@ def _return_freed_memory() -> None:
     process: peak RSS then grows by several deltas. A fixed 1 MB threshold keeps every tensor of
     that size in its own mapping, unmapped when freed. Not glibc (or not Linux): nothing to do.
     """
-    import ctypes
-    import ctypes.util
-
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
@@ -151,8 +149,6 @@ def merge_checkpoint(base_dir: Path, adapters: list[deltas.Adapter], out_dir: Pa
     reference(term) -> float32 tensor: the independent route for one term's value, or None to skip
     the tensor check.
     """
-    from tqdm.auto import tqdm
-
     started = time.perf_counter()
     _return_freed_memory()
     max_bytes = shards.parse_size(max_shard_size)
@@ -184,8 +180,8 @@ def merge_checkpoint(base_dir: Path, adapters: list[deltas.Adapter], out_dir: Pa
         keys = [k for k, spec in specs.items() if spec[0] == file]
         keys.sort(key=lambda k: (_natural(owner.get(k, k)), _natural(k)))
         order += keys
-    plan = shards.plan_shards([(k, specs[k][1], out_dtype(specs[k][2])) for k in order], max_bytes)
-    names = shards.shard_names(len(plan))
+    layout = shards.group_into_shards([(k, specs[k][1], out_dtype(specs[k][2])) for k in order], max_bytes)
+    names = shards.shard_names(len(layout))
 
     cache: dict[str, dict] = {}
 
@@ -228,7 +224,7 @@ def merge_checkpoint(base_dir: Path, adapters: list[deltas.Adapter], out_dir: Pa
     current_file, handle = None, None
     bar = tqdm(total=len(files), desc="merging base shards", unit="shard", disable=not progress)
     try:
-        for name, entries in zip(names, plan):
+        for name, entries in zip(names, layout):
             writer = shards.ShardWriter(out_dir / name, entries)
             for key, _, want in entries:
                 file = specs[key][0]
@@ -270,7 +266,7 @@ def merge_checkpoint(base_dir: Path, adapters: list[deltas.Adapter], out_dir: Pa
         if handle is not None:
             handle.__exit__(None, None, None)
         bar.close()
-    shards.write_index(out_dir, names, plan)
+    shards.write_index(out_dir, names, layout)
     leftover = [p for p, e in cache.items() if e["left"]]
     if leftover:
         raise RuntimeError(f"merge: deltas of {leftover[:3]} were not all written")

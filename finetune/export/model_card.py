@@ -6,21 +6,13 @@ directory learns where it came from, and its snippet runs as written with transf
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import yaml
 
 from finetune.recipe import recipe_to_dict
 from finetune.runs import Run, read_run
-
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-def hub_id(name: str) -> str | None:
-    """The name if it is a hub id, None for a local path (which must not go into `base_model:`:
-    tools such as llama.cpp's converter turn that field into a hub URL)."""
-    return name if HUB_ID.match(name) and not Path(name).exists() else None
+from finetune.runs.adapter_card import hub_id
 
 
 def _stage_section(stage_run: Run) -> list[str]:

@@ -20,7 +20,9 @@ import struct
 from pathlib import Path
 
 import torch
+from huggingface_hub import snapshot_download
 from safetensors import safe_open
+from transformers.utils.hub import convert_file_size_to_int
 
 from finetune.errors import UserError
 
@@ -38,7 +40,6 @@ def checkpoint_dir(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.is_dir():
         return path
-    from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(name_or_path, local_files_only=True, allow_patterns=["*.json", "*.safetensors"]))
@@ -76,15 +77,13 @@ def tensor_specs(files: list[Path]) -> dict[str, tuple[Path, tuple, torch.dtype]
 
 
 def parse_size(size: str | int) -> int:
-    from transformers.utils.hub import convert_file_size_to_int
-
     try:
         return int(convert_file_size_to_int(size))
     except ValueError:
         raise UserError(f"--max-shard-size {size!r}: not a size; write e.g. 5GB or 500MB") from None
 
 
-def plan_shards(entries: list[tuple[str, tuple, torch.dtype]], max_bytes: int) -> list[list[tuple[str, tuple, torch.dtype]]]:
+def group_into_shards(entries: list[tuple[str, tuple, torch.dtype]], max_bytes: int) -> list[list[tuple[str, tuple, torch.dtype]]]:
     """Greedy split in order, as transformers does: a tensor larger than the limit gets a shard of its own."""
     shards, current, size = [], [], 0
     for entry in entries:

@@ -24,11 +24,16 @@ import warnings
 from pathlib import Path
 
 import torch
+from peft import PeftModel, set_peft_model_state_dict
+from peft.tuners.lora.layer import LoraLayer
+from peft.utils.other import ModulesToSaveWrapper
+from peft.utils.save_and_load import load_peft_weights
 from safetensors import safe_open
 from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
 
-from finetune.export import deltas, shards
 from finetune.errors import CheckFailed
+from finetune.export import deltas, shards
 
 # Relative logit error, max|a - b| / max|b|, allowed in the forward checks. Both compare models
 # with the same weights up to float32 summation order (and, for the files check, the rare weight
@@ -44,11 +49,6 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 def peft_reference(adapters: list[deltas.Adapter]):
     """term -> its value computed by PEFT: its loader fills the adapter's LoRA modules, its
     get_delta_weight computes the delta (the merge code computes them from the raw files)."""
-    from peft import set_peft_model_state_dict
-    from peft.tuners.lora.layer import LoraLayer
-    from peft.utils.other import ModulesToSaveWrapper
-    from peft.utils.save_and_load import load_peft_weights
-
     modules = {}
     for adapter in adapters:
         model = adapter.peft_model
@@ -183,9 +183,6 @@ def choose_mode(mode: str, base_dir: Path) -> str:
 def forward_check(base_dir: Path, adapter_dirs: list[Path], written_dir: Path, dtype: torch.dtype,
                   probe: torch.Tensor, mode: str, scratch: Path) -> dict:
     """Logit checks 1 and 3 of the module docstring, on the whole model or a truncated one."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
     mode = choose_mode(mode, base_dir)
     layers = None
     if mode == "truncated":

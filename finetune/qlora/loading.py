@@ -11,7 +11,7 @@ so the fused 3-D experts would arrive and stay in 16-bit until the whole model i
 90 GB for Mixtral-8x7B on the load device, which is what keeps it off one GPU.
 
 `ExpertsNF4Quantizer` is that quantizer saying yes for the fused expert weights too; its op
-quantizes each arriving fused tensor expert by expert (finetune.qlora.quantize_expert_weight)
+quantizes each arriving fused tensor expert by expert (finetune.quantize_expert_weight)
 and gives the loader the placeholder to set, so the 16-bit working set is one layer's fused
 expert tensor and the per-expert tensors it was merged from, whatever the model's size.
 transformers picks the quantizer class from the config's method; registering a new method name
@@ -26,9 +26,19 @@ import contextlib
 import logging
 
 import torch
+from accelerate import PartialState
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from finetune import qlora
 from finetune.errors import UserError
+from finetune.modeling import resolve_dtype
+from finetune.moe import experts_modules, is_fused_expert_weight
+from finetune.qlora.experts import (
+    is_nf4,
+    quantize_expert_weight,
+    quantize_experts,
+    register_staged,
+)
+from finetune.qlora.nf4 import QUANT_TYPE, require_bitsandbytes
 
 log = logging.getLogger("finetune")
 
@@ -37,19 +47,25 @@ BNB_4BIT = "bitsandbytes_4bit"  # transformers' AUTO_QUANTIZER_MAPPING key for B
 
 def bnb_config(compute_dtype: torch.dtype):
     """transformers' 4-bit config, as QLoRA does it: NF4, double quantization, compute in the model dtype."""
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=qlora.QUANT_TYPE, bnb_4bit_use_double_quant=True,
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=QUANT_TYPE, bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=compute_dtype)
 
 
 def _quantizer_class():
     """transformers' bitsandbytes 4-bit quantizer, extended to the fused experts (defined lazily:
     importing transformers' quantizers needs bitsandbytes, an optional extra)."""
-    from transformers.core_model_loading import ConversionOps
-    from transformers.integrations.bitsandbytes import Bnb4bitQuantize
-    from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
-    from transformers.quantizers.quantizers_utils import get_module_from_name
+    from transformers.core_model_loading import (
+        ConversionOps,  # optional extra: these modules need bitsandbytes
+    )
+    from transformers.integrations.bitsandbytes import (
+        Bnb4bitQuantize,  # needs bitsandbytes (optional extra)
+    )
+    from transformers.quantizers.quantizer_bnb_4bit import (
+        Bnb4BitHfQuantizer,  # needs bitsandbytes (optional extra)
+    )
+    from transformers.quantizers.quantizers_utils import (
+        get_module_from_name,  # needs bitsandbytes (optional extra)
+    )
 
     class ExpertsNF4Quantize(ConversionOps):
         """Per loaded tensor: a fused expert weight goes to NF4 per expert; a linear weight to bitsandbytes."""
@@ -62,9 +78,9 @@ def _quantizer_class():
             out, linear = {}, {}
             for name, value in input_dict.items():
                 module, attr = get_module_from_name(model, name)
-                if qlora.is_fused_expert_weight(module, attr):
+                if is_fused_expert_weight(module, attr):
                     value = value[0] if isinstance(value, list) else value
-                    qlora.quantize_expert_weight(module, attr, value, self.compute_dtype, staged=True)
+                    quantize_expert_weight(module, attr, value, self.compute_dtype, staged=True)
                     out[name] = getattr(module, attr)  # the placeholder, which the loader sets again
                 else:
                     linear[name] = value
@@ -75,7 +91,7 @@ def _quantizer_class():
     class ExpertsNF4Quantizer(Bnb4BitHfQuantizer):
         def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
             module, attr = get_module_from_name(model, param_name)
-            return qlora.is_fused_expert_weight(module, attr) or super().param_needs_quantization(model, param_name, **kwargs)
+            return is_fused_expert_weight(module, attr) or super().param_needs_quantization(model, param_name, **kwargs)
 
         def get_quantize_ops(self):
             return ExpertsNF4Quantize(self)
@@ -86,7 +102,9 @@ def _quantizer_class():
 @contextlib.contextmanager
 def experts_quantized_on_load():
     """Within: from_pretrained with a 4-bit BitsAndBytesConfig also quantizes the fused experts."""
-    from transformers.quantizers import auto
+    from transformers.quantizers import (
+        auto,  # transformers' quantizer registry; used only on the 4-bit path (bitsandbytes extra)
+    )
 
     stock = auto.AUTO_QUANTIZER_MAPPING[BNB_4BIT]
     auto.AUTO_QUANTIZER_MAPPING[BNB_4BIT] = _quantizer_class()
@@ -99,15 +117,9 @@ def experts_quantized_on_load():
 def load_quantized(section, device_map=None):
     """The base model with linear layers in bitsandbytes 4-bit and every expert in NF4, each weight
     quantized as it is read (so the load needs the 4-bit model plus one layer's experts in 16-bit)."""
-    from transformers import AutoModelForCausalLM
-
-    from finetune.modeling import resolve_dtype
-
-    qlora.require_bitsandbytes()
+    require_bitsandbytes()
     dtype = resolve_dtype(section.dtype)
     if device_map is None and torch.cuda.is_available():
-        from accelerate import PartialState
-
         device_map = {"": PartialState().device}  # bitsandbytes quantizes on the device it loads to
     try:
         with experts_quantized_on_load():
@@ -117,7 +129,7 @@ def load_quantized(section, device_map=None):
             )
     except (OSError, ValueError) as exc:
         raise UserError(f"model.name_or_path: cannot load weights from `{section.name_or_path}` in 4-bit: {exc}") from None
-    qlora.register_staged(model)
+    register_staged(model)
     for m in model.modules():
         if hasattr(m, "support_avx512bf16_for_cpu"):
             # bitsandbytes' CPU inference kernel repacks a Linear4bit weight in place on the first
@@ -126,9 +138,9 @@ def load_quantized(section, device_map=None):
             m.support_avx512bf16_for_cpu = False
     # Experts the loader did not hand to the quantizer (a model family whose weights load another
     # way) are quantized here, after the load, which then needs their 16-bit size once.
-    late = qlora.quantize_experts(model, dtype)
+    late = quantize_experts(model, dtype)
     if late:
         log.warning("4-bit NF4: %d MoE layers' experts were quantized after loading, not while loading", late)
-    n = sum(qlora.is_nf4(m) for m in qlora.experts_modules(model))
+    n = sum(is_nf4(m) for m in experts_modules(model))
     log.info("4-bit NF4: linear layers through bitsandbytes, experts of %d MoE layers quantized per expert", n)
     return model

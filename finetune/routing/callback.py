@@ -17,7 +17,7 @@ of the training forwards since the previous log:
 plus summaries over layers: routing/imbalance_max, routing/entropy_mean, routing/dead_experts,
 routing/topk_overlap_min, routing/kl_max, and routing/tokens (real tokens counted in the window).
 Definitions: metrics.py. `python bench/routing_overhead.py` measures the cost;
-tests/test_routing_callback.py runs it in SFTTrainer and DPOTrainer.
+tests/unit/routing/test_routing_callback.py runs it in SFTTrainer and DPOTrainer.
 
 Cost. Counting happens in hooks on the routers and the model (capture.py): once per training
 forward, a few small kernels over (layers, tokens, experts) into on-device sums; nothing moves
@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from finetune.routing.capture import RoutingCapture
 from finetune.routing.metrics import (
@@ -64,8 +65,6 @@ def add_routing_metrics(trainer, *, console_per_layer: bool = False, **options) 
     the console printer, which would otherwise print hundreds of them per log for Mixtral-8x7B;
     the routing/* summaries stay on the console.
     """
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
     callback = RoutingMetricsCallback(**options)
     callbacks = trainer.callback_handler.callbacks
     callbacks.insert(0, callback)
@@ -104,8 +103,8 @@ class RoutingMetricsCallback(TrainerCallback):
         # measures drift against the true start, not against the checkpoint it resumed from.
         self.baseline_dir = baseline_dir
         self.capture: RoutingCapture | None = None
-        self._probe: dict | None = None
-        self._start = None  # Routing of the starting model on the probe
+        self.probe: dict | None = None
+        self.start_routing = None  # Routing of the starting model on the probe
         self._model = None  # the trainer's model: the probe runs through it
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -120,14 +119,14 @@ class RoutingMetricsCallback(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         # Before the first update the weights are the starting model's: route the probe now.
-        if self.capture is None or not self.drift or self._start is not None:
+        if self.capture is None or not self.drift or self.start_routing is not None:
             return
         baseline = Path(self.baseline_dir) / f"routing_baseline_{args.process_index}.pt" if self.baseline_dir else None
         if baseline is not None and baseline.is_file():
             # "cpu:0" (DDP on CPU) is not a location torch.load knows; plain "cpu" is.
             device = "cpu" if args.device.type == "cpu" else args.device
             saved = torch.load(baseline, weights_only=False, map_location=device)
-            self._probe, self._start = saved["probe"], saved["start"]
+            self.probe, self.start_routing = saved["probe"], saved["start"]
             return
         inputs = self.capture.last_inputs
         if not inputs or "input_ids" not in inputs:
@@ -137,11 +136,11 @@ class RoutingMetricsCallback(TrainerCallback):
         mask = inputs.get("attention_mask")
         # Cut long rows on the side that holds the text (TRL pads right; left padding is possible).
         cut = slice(seq - cols, seq) if mask is not None and not bool(mask[:rows, 0].all()) else slice(0, cols)
-        self._probe = {k: v[:rows, cut].detach().clone() for k, v in inputs.items()}
-        self._start = self._route_probe()
+        self.probe = {k: v[:rows, cut].detach().clone() for k, v in inputs.items()}
+        self.start_routing = self._route_probe()
         if baseline is not None and baseline.parent.is_dir():
-            torch.save({"probe": self._probe, "start": self._start}, baseline)
-        if not bool(self._start.mask.any()):
+            torch.save({"probe": self.probe, "start": self.start_routing}, baseline)
+        if not bool(self.start_routing.mask.any()):
             log.warning("routing drift off: the probe batch has no real tokens")
             self.drift = False
 
@@ -153,7 +152,7 @@ class RoutingMetricsCallback(TrainerCallback):
         metrics = self._window_metrics()
         if not metrics:  # nothing trained since the last log (e.g. the end-of-training summary)
             return
-        if self.drift and self._start is not None:
+        if self.drift and self.start_routing is not None:
             metrics.update(self._drift_metrics())
         logs.update(metrics)
         # Trainer.log stored a copy of `logs` in log_history just before calling on_log.
@@ -211,13 +210,13 @@ class RoutingMetricsCallback(TrainerCallback):
         runner = self._model if self._model is not None else root
         try:
             with torch.no_grad(), RoutingCapture(root, mode="full") as cap:
-                runner(**self._probe, **extra)
+                runner(**self.probe, **extra)
         finally:
             root.train(was_training)
         return cap.last
 
     def _drift_metrics(self) -> dict[str, float]:
-        now, start, p = self._route_probe(), self._start, self.prefix
+        now, start, p = self._route_probe(), self.start_routing, self.prefix
         overlaps = [masked_mean(token_topk_overlap(a, b), start.mask) for a, b in zip(start.topk, now.topk)]
         kls = [masked_mean(token_kl(a, b), start.mask) for a, b in zip(start.logits, now.logits)]
         out = {}

@@ -8,13 +8,12 @@
     ...; cap.counts                             # (L, E) assignments over real tokens, on device
 
 Used by `callback.py` (training) and `report.py` (`finetune routing ...`); tested by
-tests/test_routing_report.py and tests/test_routing_callback.py.
+tests/unit/routing/.
+Layer: routing; imports moe.
 
-Routers are found by walking modules, not by path, so PEFT wrapping does not matter: an MoE
-block is a module with an `experts` child, and its router is the child whose class name ends in
-"Router" once PEFT wrappers are peeled off (ModulesToSaveWrapper when the router is trained in
-full, LoRA's ParamWrapper for `target_parameters=["mlp.gate.weight"]`). The outermost wrapper is
-hooked: its output is what the block uses, whichever adapter is active or disabled. Mixtral,
+Routers are found by finetune/moe.py's one rule (the same training and export use), through PEFT
+wrappers (ModulesToSaveWrapper when the router is trained in full, LoRA's ParamWrapper for
+`target_parameters=["mlp.gate.weight"]`). The outermost wrapper is hooked: its output is what the block uses, whichever adapter is active or disabled. Mixtral,
 Qwen2-MoE, Qwen3-MoE and OLMoE routers in transformers 5 return (logits (T, E), weights (T, k),
 indices (T, k)) with T = batch * seq; any router returning logits first and integer indices last
 works. The padding mask comes from a forward pre-hook on the outermost transformers model.
@@ -22,22 +21,14 @@ works. The padding mask comes from a forward pre-hook on the outermost transform
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from transformers import PreTrainedModel
 
+from finetune.moe import Router, find_routers  # noqa: F401  (Router: the type of self.routers)
 from finetune.routing.metrics import token_entropy
-
-
-@dataclass
-class Router:
-    """One MoE layer's router as found in the module tree."""
-
-    layer: int  # decoder layer index, parsed from the module path
-    name: str  # path of the hooked module (the outermost wrapper around the router)
-    module: nn.Module
 
 
 @dataclass
@@ -51,38 +42,8 @@ class Routing:
     starts: Tensor | None  # (B, S) bool, True where position_ids restart (packed rows)
 
 
-def _unwrap(module: nn.Module) -> nn.Module:
-    """Peel PEFT wrappers: ModulesToSaveWrapper (.original_module) and LoRA layers (.base_layer)."""
-    for _ in range(8):  # nested ParamWrappers when several parameters of one module are targeted
-        inner = module.__dict__.get("_modules", {})
-        if "original_module" in inner:
-            module = inner["original_module"]
-        elif "base_layer" in inner:
-            module = inner["base_layer"]
-        else:
-            break
-    return module
-
-
-def find_routers(model: nn.Module) -> list[Router]:
-    """Every MoE router under `model`, ordered by decoder layer."""
-    found = []
-    for block_name, block in model.named_modules():
-        if not isinstance(getattr(block, "experts", None), nn.Module):
-            continue
-        for child_name, child in block.named_children():
-            if type(_unwrap(child)).__name__.lower().endswith("router"):
-                name = f"{block_name}.{child_name}" if block_name else child_name
-                numbers = re.findall(r"(?:^|\.)(\d+)(?:\.|$)", block_name)
-                layer = int(numbers[-1]) if numbers else len(found)
-                found.append(Router(layer, name, child))
-    return sorted(found, key=lambda r: r.layer)
-
-
 def find_root(model: nn.Module) -> nn.Module:
     """The outermost transformers model (inside PeftModel/LoraModel), whose forward sees the batch."""
-    from transformers import PreTrainedModel
-
     for module in model.modules():
         if isinstance(module, PreTrainedModel):
             return module
@@ -137,11 +98,11 @@ class RoutingCapture:
         self._mask = self._starts = None
         self._stash: dict[int, tuple[Tensor, Tensor]] = {}
         self._handles = [
-            self.root.register_forward_pre_hook(self._begin, with_kwargs=True),
-            self.root.register_forward_hook(self._end, with_kwargs=True),
+            self.root.register_forward_pre_hook(self.on_forward_start, with_kwargs=True),
+            self.root.register_forward_hook(self.on_forward_end, with_kwargs=True),
         ]
         for pos, router in enumerate(self.routers):
-            self._handles.append(router.module.register_forward_hook(self._router_hook(pos, router.name)))
+            self._handles.append(router.module.register_forward_hook(self.router_hook(pos, router.name)))
 
     def __enter__(self) -> RoutingCapture:
         return self
@@ -159,9 +120,9 @@ class RoutingCapture:
             if t is not None:
                 t.zero_()
 
-    # --- hooks ---------------------------------------------------------------------------------
+    # --- hooks (public so a profiler can wrap them: bench/routing_overhead.py) ----------------------
 
-    def _begin(self, module, args, kwargs):
+    def on_forward_start(self, module, args, kwargs):
         self._stash = {}
         self._open = not self.train_only or (module.training and torch.is_grad_enabled())
         if not self._open:
@@ -187,14 +148,14 @@ class RoutingCapture:
             if isinstance(v, Tensor) and tuple(v.shape) == (batch, seq)
         }
 
-    def _router_hook(self, pos: int, name: str):
+    def router_hook(self, pos: int, name: str):
         def hook(module, args, output):
             if self._open:
                 self._stash[pos] = _router_outputs(output, name)
 
         return hook
 
-    def _end(self, module, args, kwargs, output):
+    def on_forward_end(self, module, args, kwargs, output):
         if not self._open:
             return
         self._open = False

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune.chain import load_for_inference
+from finetune.load.chain import load_for_inference
 from finetune.routing.report import load_sources, routing_report
 
 

@@ -1,7 +1,7 @@
 """Routing metrics for Mixture-of-Experts models: pure functions on router outputs.
 
 Nothing here touches a model; `capture.py` records the tensors, `callback.py` and `report.py`
-call these. `python -m pytest tests/test_routing_metrics.py` checks them against hand-built
+call these. `python -m pytest tests/unit/routing/test_routing_metrics.py` checks them against hand-built
 routings. Modelled on the Mixtral paper's routing analysis (arXiv 2401.04088, section 5).
 
 Shapes, for one MoE layer:

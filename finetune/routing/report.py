@@ -10,7 +10,7 @@
   repeated_experts.png   repeated-expert rates per layer with the random baseline
   compare.png            with --compare: share TV distance, top-k overlap and KL per layer
   expert_share_compare.png  with --compare: Fig. 7 for the compared model
-Metric definitions: metrics.py. Tested by tests/test_routing_report.py.
+Metric definitions: metrics.py. Tested by tests/unit/routing/test_routing_report.py.
 """
 
 from __future__ import annotations
@@ -273,7 +273,9 @@ def routing_report(
 
 def _plots(result: dict, out: Path) -> list[str]:
     try:
-        from finetune.routing import plots
+        from finetune.routing import (
+            plots,  # matplotlib only when plots are asked for (--no-plots skips it)
+        )
     except ImportError:  # matplotlib is a dependency; an environment may still lack it
         log.warning("matplotlib not installed: routing report without plots (pip install matplotlib)")
         return []

@@ -125,7 +125,12 @@ def is_run(path: str | Path) -> bool:
     return (Path(path) / "chain.json").is_file()
 
 
-def verify_adapters(run: Run) -> None:
+def adapter_dirs(run: Run) -> list[Path]:
+    """The run directories of every adapter in the chain, oldest first."""
+    return [Path(link["run"]) for link in run.chain if link["kind"] != "base"]
+
+
+def check_adapter_hashes(run: Run) -> None:
     """Every adapter of the chain is there, readable, and the file its chain recorded (sha256)."""
     for link in run.chain[1:]:
         folder = Path(link["run"])

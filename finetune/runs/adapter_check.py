@@ -1,6 +1,6 @@
 """Check a saved adapter before a run is marked finished: every tensor present, shaped as its LoRA config implies, finite.
 
-    check_saved_adapter(run_dir, base_config)      # called by each stage after saving (finetune/stages/common.py)
+    check_saved_adapter(run_dir, base_config)      # called by each stage after saving (finetune/train/save.py)
 
 Why: DeepSpeed ZeRO-3 once saved 48 tensors of shape (0,) (the partitioned placeholders) and the
 run reported success. The expected shapes come from PEFT itself: the saved adapter_config.json is
@@ -12,6 +12,11 @@ The saved file is then read back from disk and compared tensor by tensor.
 
 from __future__ import annotations
 
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+from finetune import modeling
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
 import warnings
 from pathlib import Path
 
@@ -21,23 +26,16 @@ from finetune.errors import CheckFailed
 
 
 def expected_shapes(run_dir: Path, base_config, trust_remote_code: bool = False) -> dict[str, tuple]:
-    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
-
-    from finetune import modeling
-
     config = LoraConfig.from_pretrained(str(run_dir))
     config.inference_mode = False
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # PEFT's pattern-key warnings, see stages/common.py
+        warnings.simplefilter("ignore")  # PEFT's pattern-key warnings, see finetune/cli.py
         model = get_peft_model(modeling.meta_model(base_config, trust_remote_code), config)
         return {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
 
 
 def check_saved_adapter(run_dir: Path, base_config, trust_remote_code: bool = False) -> int:
     """Number of tensors checked; CheckFailed naming the first problems otherwise."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(run_dir) / "adapter_model.safetensors"
     try:
         saved = load_file(str(path))

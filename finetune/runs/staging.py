@@ -1,14 +1,15 @@
 """A run's staging directory: decide (no disk change), claim, guard against failure, finish and swap.
 
-    finetune sft RECIPE [--overwrite] [--resume]     # each stage: plan -> load/wrap -> claimed(...) -> finish
+    finetune sft RECIPE [--overwrite] [--resume]     # each stage: reserve -> load/wrap -> claimed(...) -> finish
 
-`plan` runs every check on the destination and on an interrupted run's checkpoints before
+`reserve` runs every check on the destination and on an interrupted run's checkpoints before
 anything is created or deleted. Inside `claimed`, the run trains into `<parent>/.<name>.incomplete/`;
 an exception removes that directory again (nothing left behind) unless it holds a complete
 checkpoint that --resume can continue (an out-of-memory error after hours keeps them, and the
 log says so); an interrupt (Ctrl-C, SIGTERM, kill -9) keeps it. `finish` writes the run files,
 chain.json last, renames the staging directory into output_dir (the previous finished run is
 moved aside and removed only after that rename) and drops the checkpoints.
+Layer: runs.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from accelerate import PartialState
 
 from finetune import runs
 from finetune.runs import outputs
@@ -68,7 +70,7 @@ def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def plan(recipe: Recipe, overwrite: bool, resume: bool) -> RunDir:
+def reserve(recipe: Recipe, overwrite: bool, resume: bool) -> RunDir:
     """Where the run goes and what it resumes from; a UserError, with nothing touched, if it may not."""
     out = outputs.check_destination(recipe.output_dir, "run", overwrite, _protected(recipe))
     staging = outputs.staging_dir(out)
@@ -94,17 +96,13 @@ def plan(recipe: Recipe, overwrite: bool, resume: bool) -> RunDir:
 
 
 def _main_process() -> bool:
-    from accelerate import PartialState
-
     return PartialState().is_main_process
 
 
 def claim(rundir: RunDir, recipe: Recipe) -> None:
     """Create the staging directory (the main process), then every rank goes on together."""
-    from accelerate import PartialState
-
     if _main_process() and rundir.resume_from is None:
-        if rundir.staging.exists():  # no complete checkpoint in it (plan checked): a failed start's leftovers
+        if rundir.staging.exists():  # no complete checkpoint in it (reserve checked): a failed start's leftovers
             shutil.rmtree(rundir.staging)
         try:
             rundir.staging.mkdir(parents=True)
@@ -136,18 +134,6 @@ def claimed(rundir: RunDir, recipe: Recipe):
         if _main_process():
             discard(rundir, exc)
         raise
-
-
-def model_state_for_save(trainer) -> dict:
-    """The model state dict the adapter is cut from (PEFT keeps only the adapter's tensors).
-
-    Called on every rank. One process or DDP: the model's own tensors, no copy. Sharded training
-    (FSDP2, ZeRO-3): the adapter tensors gathered on every rank (a collective) before rank 0 writes.
-    """
-    from finetune import distributed
-
-    gathered = distributed.adapter_state_dict(trainer)
-    return gathered if gathered is not None else trainer.model.state_dict()
 
 
 def finish(rundir: RunDir, recipe: Recipe, stage: str, parent_chain: list[dict], metrics: dict) -> None:

@@ -7,10 +7,11 @@ Design: the SFT adapter chain is merged into the base weights in memory, and a f
 trained on top with TRL's DPOTrainer. TRL computes reference log-probs with the adapters
 disabled, which is then exactly the SFT model. (Handing TRL the SFT PeftModel instead makes it
 copy the adapter into a "ref" adapter; the merged design is simpler to verify and keeps one
-adapter per stage, which export merges in order.) tests/test_dpo.py proves it: at the first
+adapter per stage, which export merges in order.) tests/unit/stages/test_dpo.py proves it: at the first
 step every implicit reward is 0, and the reference log-probs equal base + SFT adapter.
 On a 4-bit base (`model.quantization: nf4` in the SFT run) the SFT adapter cannot be merged, so
-it stays loaded as TRL's frozen "ref" adapter instead (finetune/qlora/chain.py).
+it stays loaded as TRL's frozen "ref" adapter instead (finetune/qlora/stacked.py).
+Layer: stages.
 """
 
 from __future__ import annotations
@@ -18,13 +19,17 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from finetune import chain, distributed, modeling, runs
-from finetune.runs import staging
+from finetune import distributed, modeling, runs
 from finetune.data import build_datasets
 from finetune.guards import NonFiniteGuard
-from finetune.lora import lora_config
+from finetune.load.chain import load_chain
+from finetune.lora.targets import lora_config
+from finetune.qlora import stacked
 from finetune.recipe import ModelSection, Recipe
-from finetune.stages import common
+from finetune.runs import staging
+from finetune.train import args as train_args
+from finetune.train import save, wrap
+from finetune.validate.resolve import resolved_recipe
 
 log = logging.getLogger("finetune")
 
@@ -33,37 +38,33 @@ def prepare_inputs(recipe: Recipe, aux_coef: float, parent: runs.Run):
     """Tokenizer, data sets and trainer settings: every check on the inputs, before any disk change."""
     tokenizer = modeling.load_tokenizer(ModelSection(**{**recipe.model.__dict__, "name_or_path": str(parent.path)}))
     train, eval_ds, report = build_datasets(recipe.data, tokenizer, "preference", recipe.seed)
-    args = common.trainer_args(recipe, "dpo", staging.staging_for(recipe), aux_coef, eval_ds is not None)
+    args = train_args.trainer_args(recipe, "dpo", staging.staging_for(recipe), aux_coef, eval_ds is not None)
     return tokenizer, train, eval_ds, report, args
 
 
 def load_start(parent: runs.Run, checked):
     """The model DPO starts from: the merged SFT chain, or for a 4-bit run the bare 4-bit base
     (the SFT adapter is stacked on it after TRL has wrapped the model)."""
-    if parent.recipe.model.quantization == "nf4":
-        from finetune.qlora import chain as qlora_chain
-
-        return qlora_chain.load_base_for_dpo(parent)
+    if parent.recipe.model.quantized:
+        return stacked.load_base_for_dpo(parent)
     # under FSDP2 only rank 0 merges the SFT chain; the others receive the merged weights
-    return distributed.load_base(lambda: chain.load_chain(parent), checked.config, parent.recipe.model)
+    return distributed.load_base(lambda: load_chain(parent), checked.config, parent.recipe.model)
 
 
 def build_trainer(recipe: Recipe, checked, aux_coef: float, parent: runs.Run, extra_callbacks=(), inputs=None,
                   model=None):
     """The DPOTrainer on the merged parent chain, and what went into it (tests use this directly)."""
-    from trl import DPOTrainer
+    from trl import (
+        DPOTrainer,  # trl imported here: `finetune --help` and `validate` need no trl
+    )
 
     tokenizer, train, eval_ds, report, args = inputs or prepare_inputs(recipe, aux_coef, parent)
     if model is None:
         model = load_start(parent, checked)
-    quantized = recipe.model.quantization == "nf4"
-    trainer_class = DPOTrainer
-    if quantized:
-        from finetune.qlora import chain as qlora_chain
-
-        trainer_class = qlora_chain.stacked_reference_trainer_class()
-    common.seed_everything(recipe.seed)
-    common.announce_router(checked.plan, aux_coef)
+    quantized = recipe.model.quantized
+    trainer_class = stacked.stacked_reference_trainer_class() if quantized else DPOTrainer
+    wrap.seed_everything(recipe.seed)
+    wrap.announce_router(checked.targets, aux_coef)
     trainer = trainer_class(
         model=model,
         ref_model=None,
@@ -71,28 +72,28 @@ def build_trainer(recipe: Recipe, checked, aux_coef: float, parent: runs.Run, ex
         train_dataset=train,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        peft_config=lora_config(checked.plan),
+        peft_config=lora_config(checked.targets),
         callbacks=[NonFiniteGuard(), *extra_callbacks],
     )
     if quantized:  # the SFT adapter as TRL's frozen "ref" adapter, stacked under the new one
-        qlora_chain.add_reference_adapter(trainer.model, chain.adapter_dirs(parent)[0])
-    counts = common.finish_wrap(trainer, checked.plan, recipe.lora.expert_path)
-    common.attach_routing_metrics(trainer, staging.RunDir(Path(recipe.output_dir), staging.staging_for(recipe)))
+        stacked.add_reference_adapter(trainer.model, runs.adapter_dirs(parent)[0])
+    counts = wrap.finish_wrap(trainer, checked.targets, recipe.lora.expert_path)
+    wrap.attach_routing_metrics(trainer, staging.RunDir(Path(recipe.output_dir), staging.staging_for(recipe)))
     return trainer, tokenizer, report, counts
 
 
 def run_dpo(recipe: Recipe, overwrite: bool = False, callbacks=(), resume: bool = False):
-    checked, recipe = common.resolved_recipe(recipe, "dpo")
+    checked, recipe = resolved_recipe(recipe, "dpo")
     parent = runs.read_run(recipe.from_run)
     recipe.from_run = str(parent.path)
     aux_coef = recipe.router.aux_loss_coef
     inputs = prepare_inputs(recipe, aux_coef, parent)  # trainer_args inside refuses a bad launch too
-    rundir = staging.plan(recipe, overwrite, resume)
+    rundir = staging.reserve(recipe, overwrite, resume)
     model = load_start(parent, checked)  # checks every adapter of the chain against its sha256 first
 
     with staging.claimed(rundir, recipe):
         trainer, tokenizer, report, counts = build_trainer(recipe, checked, aux_coef, parent, callbacks, inputs, model)
         reference = (f"SFT adapter of {parent.path} as frozen adapter `ref` on the 4-bit base"
-                     if recipe.model.quantization == "nf4" else f"SFT chain of {parent.path} merged (adapters disabled)")
-        return common.train_and_save("dpo", trainer, tokenizer, rundir, recipe, checked, counts, report, parent.chain,
+                     if recipe.model.quantized else f"SFT chain of {parent.path} merged (adapters disabled)")
+        return save.train_and_save("dpo", trainer, tokenizer, rundir, recipe, checked, counts, report, parent.chain,
                                      reference=reference)

@@ -3,7 +3,8 @@
     finetune sft recipes/tiny-moe/sft.yaml [--set sft.learning_rate=1e-4 ...] [--overwrite] [--resume]
     accelerate launch -m finetune sft recipes/mixtral-8x7b/sft.yaml   # several GPUs
 
-Writes the run directory described in finetune/runs/__init__.py. Everything that can fail on the inputs
+Writes the run directory described in finetune/runs/__init__.py.
+Layer: stages. Everything that can fail on the inputs
 (recipe, data, trainer settings, output directory, model load) is checked before the staging
 directory is created (finetune/runs/staging.py).
 """
@@ -13,44 +14,49 @@ from __future__ import annotations
 import logging
 
 from finetune import distributed, modeling
-from finetune.runs import staging
 from finetune.data import build_datasets
 from finetune.guards import NonFiniteGuard
-from finetune.lora import lora_config
+from finetune.load import load_model
+from finetune.lora.targets import lora_config
 from finetune.recipe import Recipe
-from finetune.stages import common
+from finetune.runs import staging
+from finetune.train import args as train_args
+from finetune.train import save, wrap
+from finetune.validate.resolve import resolved_recipe
 
 log = logging.getLogger("finetune")
 
 
 def run_sft(recipe: Recipe, overwrite: bool = False, callbacks=(), resume: bool = False):
-    from trl import SFTTrainer
+    from trl import (
+        SFTTrainer,  # trl imported here: `finetune --help` and `validate` need no trl
+    )
 
-    checked, recipe = common.resolved_recipe(recipe, "sft")
+    checked, recipe = resolved_recipe(recipe, "sft")
     aux_coef = recipe.router.aux_loss_coef  # the resolved recipe records the number actually used
 
     tokenizer = modeling.load_tokenizer(recipe.model)
     train, eval_ds, report = build_datasets(recipe.data, tokenizer, "sft", recipe.seed)
-    args = common.trainer_args(recipe, "sft", staging.staging_for(recipe), aux_coef, eval_ds is not None)
-    rundir = staging.plan(recipe, overwrite, resume)
+    args = train_args.trainer_args(recipe, "sft", staging.staging_for(recipe), aux_coef, eval_ds is not None)
+    rundir = staging.reserve(recipe, overwrite, resume)
 
     # under FSDP2 with cpu_ram_efficient_loading only rank 0 reads the weights (finetune/distributed.py)
-    model = distributed.load_base(lambda: modeling.load_model(recipe.model), checked.config, recipe.model)
+    model = distributed.load_base(lambda: load_model(recipe.model), checked.config, recipe.model)
     with staging.claimed(rundir, recipe):
         # TRL wraps the model in LoRA inside the trainer's constructor, which also creates the
         # checkpoint folder: hence inside `claimed`, which removes the staging again on failure.
-        common.seed_everything(recipe.seed)
-        common.announce_router(checked.plan, aux_coef)
+        wrap.seed_everything(recipe.seed)
+        wrap.announce_router(checked.targets, aux_coef)
         trainer = SFTTrainer(
             model=model,
             args=args,
             train_dataset=train,
             eval_dataset=eval_ds,
             processing_class=tokenizer,
-            peft_config=lora_config(checked.plan),
+            peft_config=lora_config(checked.targets),
             callbacks=[NonFiniteGuard(), *callbacks],
         )
-        counts = common.finish_wrap(trainer, checked.plan, recipe.lora.expert_path)
-        common.attach_routing_metrics(trainer, rundir)
+        counts = wrap.finish_wrap(trainer, checked.targets, recipe.lora.expert_path)
+        wrap.attach_routing_metrics(trainer, rundir)
         base = [{"kind": "base", "model": recipe.model.name_or_path}]
-        return common.train_and_save("sft", trainer, tokenizer, rundir, recipe, checked, counts, report, base)
+        return save.train_and_save("sft", trainer, tokenizer, rundir, recipe, checked, counts, report, base)

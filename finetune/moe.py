@@ -1,0 +1,125 @@
+"""The MoE structure of a model, found from its module tree: routers, fused experts, MoE blocks.
+
+    finetune validate RECIPE     # LoRA targets and router policy are matched against this
+
+One rule serves training (LoRA targets, router policies), routing capture, ZeRO-3 leaf modules
+and 4-bit loading, so they can never disagree about what a router is:
+- fused experts: a transformers `@use_experts_implementation` module (it has `has_gate` and
+  `_apply_gate`) holding 3-D expert weights (`gate_up_proj` or `up_proj`, and `down_proj`);
+- an MoE block: a module with an `experts` child;
+- its router: the block's child (whatever its attribute name: Mixtral's `gate`, gpt-oss's
+  `router`) whose weight is 2-D with one row per expert. A shared expert's one-row gate
+  (Qwen2-MoE's `shared_expert_gate`) therefore is not a router.
+PEFT wrappers (LoRA layers, modules_to_save copies) are looked through, and a parameter that
+DeepSpeed ZeRO-3 holds partitioned is measured by its `ds_shape`.
+Layer: beside modeling; imports nothing of finetune.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+def shape_of(param) -> tuple:
+    """A parameter's shape, also when DeepSpeed ZeRO-3 holds it partitioned (its data is then a
+    (0,) placeholder between forwards; `ds_shape` is the real shape)."""
+    return tuple(getattr(param, "ds_shape", param.shape))
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """Peel PEFT wrappers: ModulesToSaveWrapper (.original_module) and LoRA layers (.base_layer)."""
+    for _ in range(8):  # nested ParamWrappers when several parameters of one module are targeted
+        inner = module.__dict__.get("_modules", {})
+        if "original_module" in inner:
+            module = inner["original_module"]
+        elif "base_layer" in inner:
+            module = inner["base_layer"]
+        else:
+            break
+    return module
+
+
+def expert_weight_names(experts: nn.Module) -> list[str]:
+    return ["gate_up_proj" if experts.has_gate else "up_proj", "down_proj"]
+
+
+def is_fused_expert_weight(module: nn.Module, name: str) -> bool:
+    """`name` is a fused 3-D expert weight of a transformers experts module (also on the meta device)."""
+    return (hasattr(module, "has_gate") and hasattr(module, "_apply_gate") and name in expert_weight_names(module)
+            and isinstance(getattr(module, name, None), nn.Parameter) and len(shape_of(getattr(module, name))) == 3)
+
+
+def experts_modules(model: nn.Module) -> list[nn.Module]:
+    """Every fused-experts module of the model (PEFT wrappers around them are not returned)."""
+    return [m for m in model.modules() if is_fused_expert_weight(m, "down_proj")]
+
+
+def num_experts(experts: nn.Module) -> int | None:
+    """How many experts a fused-experts module holds (its attribute, else a 3-D weight's first dim)."""
+    count = getattr(experts, "num_experts", None)
+    if isinstance(count, int):
+        return count
+    shapes = [shape_of(p) for p in unwrap(experts).parameters(recurse=False)]
+    return next((s[0] for s in shapes if len(s) == 3), None)
+
+
+@dataclass
+class Router:
+    """One MoE block's router as found in the module tree."""
+
+    layer: int
+    """Decoder layer index, parsed from the module path."""
+    name: str
+    """Full path of the router module (the outermost PEFT wrapper around it, when wrapped)."""
+    module: nn.Module
+    """The module at `name` (hook this one: it is what the block calls)."""
+
+    @property
+    def block(self) -> str:
+        """Path of the MoE block holding the router, e.g. `model.layers.3.mlp`."""
+        return self.name.rpartition(".")[0]
+
+    @property
+    def suffix(self) -> str:
+        """The path below the decoder layer, e.g. `mlp.gate`: what PEFT matches on."""
+        parts = self.name.split(".")
+        numbers = [i for i, part in enumerate(parts) if part.isdigit()]
+        return ".".join(parts[numbers[0] + 1:]) if numbers else self.name
+
+
+def _router_child(block: nn.Module, experts: int) -> tuple[str, nn.Module] | None:
+    for child_name, child in block.named_children():
+        if child_name == "experts":
+            continue
+        weight = getattr(unwrap(child), "weight", None)
+        if isinstance(weight, torch.Tensor) and len(shape_of(weight)) == 2 and shape_of(weight)[0] == experts:
+            return child_name, child
+    return None
+
+
+def find_routers(model: nn.Module) -> list[Router]:
+    """Every MoE router under `model`, ordered by decoder layer."""
+    found = []
+    for block_name, block in model.named_modules():
+        experts = block.__dict__.get("_modules", {}).get("experts")
+        if not isinstance(experts, nn.Module):
+            continue
+        count = num_experts(unwrap(experts))
+        hit = _router_child(block, count) if count else None
+        if hit is None:
+            continue
+        child_name, child = hit
+        numbers = re.findall(r"(?:^|\.)(\d+)(?:\.|$)", block_name)
+        layer = int(numbers[-1]) if numbers else len(found)
+        found.append(Router(layer, f"{block_name}.{child_name}" if block_name else child_name, child))
+    return sorted(found, key=lambda r: r.layer)
+
+
+def moe_block_classes(model: nn.Module) -> list[type]:
+    """Classes of the sparse MoE blocks (modules holding both experts and a router)."""
+    blocks = {r.block for r in find_routers(model)}
+    return sorted({type(unwrap(model.get_submodule(b))) for b in blocks}, key=lambda c: c.__name__)

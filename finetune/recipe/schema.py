@@ -1,0 +1,110 @@
+"""The recipe schema: typed sections with a docstring under every field (what `finetune validate` checks).
+
+    finetune validate recipes/tiny-moe/sft.yaml
+Layer: recipe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ATTENTION_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+EXPERT_TARGETS = ["gate_up_proj", "down_proj"]
+DENSE_MLP_TARGETS = ["gate_proj", "up_proj", "down_proj"]
+# Mixtral's original checkpoints name the expert matrices w1 (gate), w3 (up) and w2 (down);
+# transformers 5 fuses w1 and w3 into one gate_up_proj, so both aliases reach the same parameter.
+EXPERT_ALIASES = {"w1": "gate_up_proj", "w3": "gate_up_proj", "w2": "down_proj"}
+
+
+@dataclass
+class ModelSection:
+    name_or_path: str = ""
+    """Local directory or hub id of the base model."""
+    dtype: str = "auto"
+    """auto (bfloat16 on a GPU that supports it, else float32), float32, bfloat16 or float16."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel passed to transformers: sdpa, eager, flash_attention_2, ..."""
+    trust_remote_code: bool = False
+    """Run code shipped with a hub model. Off unless you trust the repository."""
+    chat_template: str | None = None
+    """Path to a .jinja file, or the template itself; default: the tokenizer's own."""
+    quantization: str = "none"
+    """none, or nf4: QLoRA, base weights in 4-bit NF4 (bitsandbytes) including the fused experts (finetune/qlora/)."""
+
+    @property
+    def quantized(self) -> bool:
+        """The one spelling of "this base loads in 4-bit" (finetune/load decides with it)."""
+        return self.quantization == "nf4"
+
+
+@dataclass
+class DataSection:
+    train: list[str] = field(default_factory=list)
+    """Training files (.jsonl, .json, .parquet) or hub data set names (name or name:split)."""
+    eval: list[str] = field(default_factory=list)
+    """Evaluation files or hub names; empty: take `eval_split` of train, or no eval."""
+    eval_split: float = 0.0
+    """Fraction of the training rows held out for evaluation when `eval` is empty."""
+    max_length: int = 1024
+    """Longest row in tokens; longer rows are an error (or dropped, see bad_rows)."""
+    bad_rows: str = "error"
+    """error: stop at the first bad row, naming file and row; drop: skip bad rows and report the count."""
+    assistant_only_loss: bool = True
+    """SFT: loss on assistant tokens only (the usual choice); false trains on the whole conversation."""
+
+
+@dataclass
+class LoraGroup:
+    r: int = 16
+    """LoRA rank."""
+    alpha: float = 32.0
+    """LoRA alpha; the update is scaled by alpha / r."""
+    targets: list[str] = field(default_factory=list)
+    """Module or parameter names in this group; empty: the group's defaults."""
+
+
+@dataclass
+class LoraSection:
+    attention: LoraGroup | None = None
+    """Attention projections q/k/v/o_proj. Absent: on, rank 16; false: off."""
+    experts: LoraGroup | None = None
+    """MoE expert weights gate_up_proj/down_proj (aliases w1/w3/w2). Absent: on for MoE models; false: off."""
+    mlp: LoraGroup | None = None
+    """Dense MLP gate/up/down_proj (Mistral-style models). Absent: on for dense models; false: off."""
+    dropout: float = 0.0
+    """LoRA dropout on every group."""
+    expert_path: str = "fast"
+    """fast: expert LoRA applied to activations (finetune/lora/fast_experts.py); peft: PEFT's stock path."""
+
+
+@dataclass
+class RouterSection:
+    policy: str = "freeze"
+    """freeze: router weights untouched; train: trained in full and saved with the adapter; lora: a LoRA on the router."""
+    aux_loss_coef: float | None = None
+    """Load-balancing loss coefficient, applied the same in every stage; absent: the model config's value."""
+    lora: LoraGroup | None = None
+    """Rank and alpha for policy `lora` (default r=8, alpha=16)."""
+
+
+@dataclass
+class Recipe:
+    output_dir: str = ""
+    """Where the run writes adapter, tokenizer, resolved recipe and metrics."""
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    router: RouterSection = field(default_factory=RouterSection)
+    from_run: str | None = None
+    """DPO: the SFT run directory this stage starts from (base model and tokenizer come from it)."""
+    seed: int = 42
+    """Seed for data shuffling and LoRA initialisation."""
+    sft: dict = field(default_factory=dict)
+    """Passed to trl.SFTConfig (learning_rate, num_train_epochs, per_device_train_batch_size, ...)."""
+    dpo: dict = field(default_factory=dict)
+    """Passed to trl.DPOConfig (beta, loss_type, precompute_ref_log_probs, ...)."""
+
+    # Not part of the YAML: where the recipe came from, and its structural problems, which
+    # finetune/validate/ reports together with everything else it finds.
+    source: str = field(default="", metadata={"internal": True})
+    problems: list = field(default_factory=list, metadata={"internal": True})

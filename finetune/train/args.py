@@ -1,0 +1,70 @@
+"""Trainer arguments: our defaults for trl.SFTConfig / trl.DPOConfig, then the recipe's pass-through section.
+
+    finetune validate RECIPE     # builds these arguments too, so TRL's own checks run before training
+Layer: train; imports distributed, modeling, recipe, errors (trl inside trainer_args: `finetune
+--help` and `validate`'s import stay fast, trl costs seconds to import).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from finetune import distributed, modeling
+from finetune.errors import UserError
+from finetune.recipe import Recipe
+
+# Checkpoints for --resume (finetune/runs/resume.py): every 100 optimizer steps (minutes to an hour of a
+# Mixtral-8x7B run), the newest 2 kept so a kill during a save still leaves one complete checkpoint.
+# A LoRA checkpoint is the adapter, its Adam moments and the RNG states: small next to the model.
+CHECKPOINTS = {"save_strategy": "steps", "save_steps": 100, "save_total_limit": 2}
+
+STAGE_DEFAULTS = {
+    # LoRA wants a larger learning rate than full fine-tuning; DPO a smaller one than SFT.
+    "sft": {"learning_rate": 2e-4, "num_train_epochs": 1, "per_device_train_batch_size": 8, **CHECKPOINTS},
+    "dpo": {"learning_rate": 5e-5, "num_train_epochs": 1, "per_device_train_batch_size": 8, "beta": 0.1, **CHECKPOINTS},
+}
+
+
+def trainer_args(recipe: Recipe, stage: str, staging: Path, aux_coef: float, has_eval: bool):
+    """trl.SFTConfig / trl.DPOConfig: our defaults, then the recipe's pass-through section.
+
+    The Trainer's checkpoints go to the run's staging directory (finetune/runs/staging.py)."""
+    from trl import (  # trl costs seconds to import: `finetune --help` needs none
+        DPOConfig,
+        SFTConfig,
+    )
+
+    distributed.require_deepspeed()
+    cls = SFTConfig if stage == "sft" else DPOConfig
+    kwargs = dict(STAGE_DEFAULTS[stage])
+    kwargs.update(
+        output_dir=str(staging / "checkpoints"),
+        seed=recipe.seed,
+        max_length=recipe.data.max_length,
+        router_aux_loss_coef=aux_coef,
+        report_to="none",
+        logging_steps=10,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.03,
+        eval_strategy="epoch" if has_eval else "no",
+    )
+    if not torch.cuda.is_available():
+        # TRL 1.x defaults to bf16 autocast, which CPUs run slowly or not at all. use_cpu would
+        # make accelerate skip DeepSpeed, which picks its own accelerator (CPU here): not for it.
+        kwargs.update(use_cpu=distributed.requested() not in ("zero3", "deepspeed"), bf16=False)
+    else:
+        kwargs.update(bf16=modeling.resolve_dtype(recipe.model.dtype) == torch.bfloat16)
+    section = getattr(recipe, stage)
+    if section.get("resume_from_checkpoint"):
+        # The Trainer ignores this field (only train(resume_from_checkpoint=...) resumes): say so.
+        raise UserError(f"{stage}.resume_from_checkpoint: not used; continue an interrupted run with "
+                        f"`finetune {stage} RECIPE --resume` (it finds the newest complete checkpoint itself)")
+    kwargs.update(section)
+    try:
+        args = cls(**kwargs)
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"{stage}: trl.{cls.__name__} rejects these settings: {exc}") from None
+    distributed.check_launch(args)
+    return args

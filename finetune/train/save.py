@@ -1,0 +1,105 @@
+"""Train, save and check the adapter, write the run files, print the summary.
+
+    finetune sft RECIPE      # the last step of stages/sft.py and stages/dpo.py
+Layer: train; imports distributed, runs.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from finetune import distributed
+from finetune.recipe import Recipe
+from finetune.runs import staging as rundirs
+from finetune.runs.adapter_card import write_adapter_card
+from finetune.runs.adapter_check import check_saved_adapter
+from finetune.runs.resume import RunTotalsCallback
+
+
+def final_losses(log_history: list[dict]) -> dict:
+    out = {}
+    for entry in log_history:
+        for key in ("loss", "eval_loss", "train_loss", "rewards/accuracies", "eval_rewards/accuracies", "aux_loss"):
+            if key in entry:
+                out[key] = entry[key]
+    return out
+
+
+def print_summary(stage: str, out: Path, metrics: dict) -> None:
+    lines = [f"\n{stage.upper()} finished in {metrics['seconds']:.0f}s"]
+    groups = metrics["trainable_parameters"]
+    lines.append("  trainable parameters: " + ", ".join(f"{k} {v:,}" for k, v in groups.items()) + f" (total {sum(groups.values()):,})")
+    lines.append(f"  tokens seen: {metrics.get('tokens_seen', 0):,}")
+    losses = metrics.get("final", {})
+    if losses:
+        lines.append("  final: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in losses.items()))
+    lines.append(f"  router: {metrics['router_policy']}, aux_loss_coef {metrics['router_aux_loss_coef']}")
+    if metrics.get("dropped_rows"):
+        lines.append(f"  dropped rows: {metrics['dropped_rows']}")
+    lines.append(f"  outputs: {out}")
+    print("\n".join(lines), flush=True)
+
+
+class Timer:
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start
+
+
+def model_state_for_save(trainer) -> dict:
+    """The model state dict the adapter is cut from (PEFT keeps only the adapter's tensors).
+
+    Called on every rank. One process or DDP: the model's own tensors, no copy. Sharded training
+    (FSDP2, ZeRO-3): the adapter tensors gathered on every rank (a collective) before rank 0 writes.
+    """
+    gathered = distributed.adapter_state_dict(trainer)
+    return gathered if gathered is not None else trainer.model.state_dict()
+
+
+def train_and_save(stage: str, trainer, tokenizer, rundir: rundirs.RunDir, recipe: Recipe, checked, counts: dict,
+                   report, parent_chain: list[dict], **extra_metrics) -> Path | None:
+    """Train (resuming if asked), save and check the adapter, write the run files, swap the run into place.
+
+    Runs inside rundirs.claimed(...): any failure leaves the previous run at output_dir untouched.
+    """
+    totals = RunTotalsCallback(trainer)
+    trainer.add_callback(totals)
+    if rundir.resume_from is not None:
+        totals.restore(rundir.resume_from)
+    with Timer() as timer:
+        trainer.train(resume_from_checkpoint=str(rundir.resume_from) if rundir.resume_from else None)
+    totals.fix_train_loss(trainer.state)
+    distributed.log_peak_memory(trainer)
+    state = model_state_for_save(trainer)  # on every rank: gathering sharded weights needs them all
+    if not trainer.is_world_process_zero():
+        return None
+    staging = rundir.staging
+    # only the trained adapter: a 4-bit DPO run also holds the frozen SFT adapter as `ref`
+    trainer.model.save_pretrained(staging, state_dict=state, selected_adapters=["default"])
+    tokenizer.save_pretrained(staging)
+    check_saved_adapter(staging, checked.config, recipe.model.trust_remote_code)
+    write_adapter_card(staging, stage, parent_chain + [{"kind": stage, "run": str(rundir.out)}])
+    metrics = {
+        "stage": stage,
+        # a resumed run: its whole training time, the sessions before included (to their checkpoint)
+        "seconds": timer.seconds + totals.seconds_before,
+        "seconds_before_resume": totals.seconds_before if rundir.resume_from else None,
+        "world_size": trainer.args.world_size,
+        "trainable_parameters": counts,
+        "tokens_seen": int(getattr(trainer, "_total_train_tokens", 0)),
+        "rows": report.rows,
+        "dropped_rows": len(report.dropped),
+        "router_policy": checked.targets.router_policy,
+        "router_aux_loss_coef": recipe.router.aux_loss_coef,
+        "resumed_from": str(rundir.resume_from.name) if rundir.resume_from else None,
+        **extra_metrics,
+        "final": final_losses(trainer.state.log_history),
+        "log_history": trainer.state.log_history,
+    }
+    rundirs.finish(rundir, recipe, stage, parent_chain, metrics)
+    print_summary(stage, rundir.out, metrics)
+    return rundir.out

@@ -1,0 +1,58 @@
+"""After the trainer is built: the LoRA wrap checked, the fast expert path switched on, routing metrics attached.
+
+    finetune sft RECIPE      # stages/sft.py and stages/dpo.py call these in order
+Layer: train; imports lora, routing (sibling), distributed, runs.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from transformers import set_seed
+
+from finetune import distributed
+from finetune.lora.fast_experts import enable_fast_expert_lora
+from finetune.lora.targets import Targets, check_wrapped, trainable_by_group
+from finetune.routing.callback import add_routing_metrics
+from finetune.runs import staging as rundirs
+
+log = logging.getLogger("finetune")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed before the trainer is built: TRL creates the PEFT model (random LoRA A) in its __init__,
+    before transformers' Trainer seeds, so without this two runs of one recipe differ."""
+    set_seed(seed)
+
+
+def announce_router(targets: Targets, aux_coef: float) -> None:
+    log.info("router aux loss coefficient %g (policy: %s)", aux_coef, targets.router_policy)
+    if targets.router_policy == "freeze" and aux_coef > 0 and targets.router_modules:
+        log.warning(
+            "router frozen with router.aux_loss_coef=%g: the load-balancing loss still trains, but its gradient "
+            "reaches only the layers upstream of each router (through the hidden states), not the router itself",
+            aux_coef,
+        )
+
+
+def finish_wrap(trainer, targets: Targets, expert_path: str) -> dict[str, int]:
+    """Check the PEFT-wrapped model trains the resolved targets; switch experts to the fast path;
+    check and prepare the sharding the launcher asked for (finetune/distributed.py)."""
+    model = trainer.model
+    check_wrapped(model, targets)
+    distributed.prepare(trainer)
+    if "experts" in targets.groups and expert_path == "fast":
+        patched = enable_fast_expert_lora(model)
+        log.info("fast expert LoRA on %d MoE layers", patched)
+    counts = trainable_by_group(model)
+    log.info("trainable parameters by group: %s", ", ".join(f"{k}={v:,}" for k, v in counts.items()))
+    return counts
+
+
+def attach_routing_metrics(trainer, rundir: rundirs.RunDir) -> None:
+    """Expert load, entropy, dead experts and drift in the trainer's own logs (finetune/routing/callback.py).
+
+    Attached after the trainer is built so the metrics reach TensorBoard/trackio/W&B too. The drift
+    baseline is kept in the staging directory, so a resumed run compares with its true start.
+    """
+    add_routing_metrics(trainer, baseline_dir=rundir.staging)

@@ -1,0 +1,136 @@
+"""Whole-recipe checks that need the disk or the model: everything `finetune validate` reports.
+
+Structure (keys, types, choices) is checked in finetune/recipe/; here: the stage's sections,
+files that must exist, the parent run of a DPO recipe, LoRA targets against the model's module
+tree built on the meta device (no weights: instant even for Mixtral-8x7B), router options on a
+dense model, the `sft:`/`dpo:` pass-through keys against trl.SFTConfig/DPOConfig (names, value
+types read from TRL's dataclass, ranges training would reject, then the config itself is
+built, which costs milliseconds), settings that cannot run here (fp16 without a GPU), eval
+settings without eval data, and an eval split that leaves less than one batch of training rows
+(counted cheaply in local files). All problems are collected and raised together.
+
+    finetune validate recipes/mixtral-8x7b/sft.yaml
+
+Modules: passthrough.py (the TRL sections), resolve.py (the recipe a run records: absolute paths,
+the aux-loss coefficient actually used).
+Layer: validate (below stages; imports train.args as a sibling, then load's layers downward).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+from finetune import modeling, runs
+from finetune.data import LOCAL_SUFFIXES
+from finetune.errors import Problem, UserError
+from finetune.lora.targets import Targets, resolve_targets
+from finetune.qlora.checks import parameter_target_problems, recipe_problems
+from finetune.recipe import Recipe
+from finetune.validate.passthrough import (
+    check_eval_and_split,
+    check_passthrough,
+    check_trainer_config,
+)
+
+
+@dataclass
+class Checked:
+    """What validation resolved, so a stage need not redo it."""
+
+    recipe: Recipe
+    stage: str
+    config: object
+    targets: Targets
+    moe: bool
+
+
+def stage_of(recipe: Recipe) -> str:
+    return "dpo" if recipe.from_run or recipe.dpo else "sft"
+
+
+def _check_stage_sections(recipe: Recipe, stage: str, problems: list[Problem]) -> None:
+    if stage == "sft":
+        if recipe.dpo:
+            problems.append(Problem("dpo", "an SFT recipe has an `sft:` section, not `dpo:` (use `finetune dpo` for DPO)"))
+        if recipe.from_run:
+            problems.append(Problem("from_run", "only DPO recipes start from a run; `finetune sft` starts from model.name_or_path"))
+        if not recipe.model.name_or_path:
+            problems.append(Problem("model.name_or_path", "required: a local model directory or a hub id"))
+    else:
+        if recipe.sft:
+            problems.append(Problem("sft", "a DPO recipe has a `dpo:` section, not `sft:`"))
+        if not recipe.from_run:
+            problems.append(Problem("from_run", "required: the SFT run directory this DPO stage starts from"))
+    if not recipe.output_dir:
+        problems.append(Problem("output_dir", "required: where the run writes its adapter and metrics"))
+    if not recipe.data.train:
+        problems.append(Problem("data.train", "required: at least one training file or hub data set"))
+    for key in ("train", "eval"):
+        for i, source in enumerate(getattr(recipe.data, key)):
+            if Path(source).suffix in LOCAL_SUFFIXES and not Path(source).is_file():
+                problems.append(Problem(f"data.{key}[{i}]", f"file not found: {source} (relative to {Path.cwd()})"))
+    template = recipe.model.chat_template
+    if template and template.endswith(".jinja") and not Path(template).is_file():
+        problems.append(Problem("model.chat_template", f"file not found: {template}"))
+
+
+def inherit_from_parent(recipe: Recipe, problems: list[Problem]) -> Recipe:
+    """A DPO recipe takes the base model (and its settings) from the SFT run it names."""
+    try:
+        parent = runs.read_run(recipe.from_run)
+    except UserError as exc:
+        problems.extend(Problem("from_run", str(p)) for p in exc.problems)
+        return recipe
+    resolved = copy.deepcopy(recipe)
+    if recipe.model.name_or_path and recipe.model.name_or_path != parent.recipe.model.name_or_path:
+        problems.append(
+            Problem(
+                "model.name_or_path",
+                f"`{recipe.model.name_or_path}` differs from the SFT run's base `{parent.recipe.model.name_or_path}`; "
+                "remove it (DPO uses the SFT run's base model)",
+            )
+        )
+    resolved.model = copy.deepcopy(parent.recipe.model)
+    return resolved
+
+
+def check(recipe: Recipe, stage: str | None = None) -> Checked:
+    """Every problem with the recipe, raised at once as a UserError; else what was resolved."""
+    stage = stage or stage_of(recipe)
+    problems: list[Problem] = list(recipe.problems)
+    _check_stage_sections(recipe, stage, problems)
+    check_passthrough(recipe, stage, problems)
+    passthrough_ok = not any(p.where.split(".")[0] == stage for p in problems)
+    if passthrough_ok and isinstance(recipe.data.eval, list):
+        check_eval_and_split(recipe, stage, problems)
+    # the config takes the seed, max_length and the pass-through section: build it only when they are well-typed
+    if passthrough_ok and not any(p.where.split(".")[0] in (stage, "seed", "data") for p in problems):
+        check_trainer_config(recipe, stage, problems)
+    own_model = recipe.model
+    if stage == "dpo" and recipe.from_run:
+        recipe = inherit_from_parent(recipe, problems)
+    if not any(p.where == "model.quantization" for p in recipe.problems):  # QLoRA's own rules (finetune/qlora/checks.py)
+        problems.extend(recipe_problems(recipe, own_model if stage == "dpo" else None))
+    config, targets, moe = None, Targets(), False
+    if recipe.model.name_or_path:
+        try:
+            config = modeling.load_config(recipe.model)
+        except UserError as exc:
+            problems.extend(exc.problems)
+    # Matching targets needs well-typed model/lora/router sections; their type errors are reported already.
+    typed = not any(p.where.split(".")[0].split("[")[0] in ("model", "lora", "router") for p in recipe.problems)
+    if config is not None and typed:
+        moe = modeling.is_moe(config)
+        try:
+            model = modeling.meta_model(config, recipe.model.trust_remote_code)
+        except UserError as exc:
+            problems.extend(exc.problems)
+        else:
+            targets, target_problems = resolve_targets(recipe.lora, recipe.router, model, moe)
+            problems.extend(target_problems)
+            problems.extend(parameter_target_problems(recipe, targets, model, moe))  # 4-bit DPO stacks adapters
+    if problems:
+        raise UserError(problems, title=f"{recipe.source or 'recipe'}: {len(problems)} problem(s)")
+    return Checked(recipe=recipe, stage=stage, config=config, targets=targets, moe=moe)
