@@ -126,30 +126,25 @@ def test_documented_runs_are_what_the_slow_tests_run():
     assert set(DOCUMENTED_RUNS) == {"pipeline"}, "each entry needs a slow test that runs it; name it above"
 
 
-def gpu_jobs() -> list[tuple[str, list[list[str]]]]:
-    jobs = []
-    for where, lines in marked_blocks(NEEDS):
-        commands = []
-        for line in lines:
-            if line.startswith("#"):
-                continue
-            argv = finetune_argv(line)
-            assert argv is not None, f"{where}: `{line}` is not a finetune command"
-            words = shlex.split(line, comments=True)
-            if "--config_file" in words:  # accelerate launch --config_file X ... -m finetune ...
-                config = words[words.index("--config_file") + 1]
-                assert (REPO / config).is_file(), f"{where}: accelerate config {config} does not exist"
-            commands.append(argv)
-        jobs.append((where, commands))
-    return jobs
+def gpu_jobs() -> list[tuple[str, list[str]]]:
+    return [(where, [line for line in lines if not line.startswith("#")]) for where, lines in marked_blocks(NEEDS)]
 
 
-@pytest.mark.parametrize("where,commands", gpu_jobs(), ids=lambda v: v if isinstance(v, str) else "")
-def test_gpu_job_recipes_validate_offline(where, commands, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("where,lines", gpu_jobs(), ids=lambda v: v if isinstance(v, str) else "")
+def test_gpu_job_recipes_validate_offline(where, lines, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(REPO)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     import yaml
 
+    commands = []
+    for line in lines:
+        argv = finetune_argv(line)
+        assert argv is not None, f"{where}: `{line}` is not a finetune command"
+        words = shlex.split(line, comments=True)
+        if "--config_file" in words:  # accelerate launch --config_file X ... -m finetune ...
+            config = words[words.index("--config_file") + 1]
+            assert (REPO / config).is_file(), f"{where}: accelerate config {config} does not exist"
+        commands.append(argv)
     written: set[str] = set()  # run and export directories this block's commands write
     sft_runs: dict[str, Path] = {}
     for argv in commands:
