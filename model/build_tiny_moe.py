@@ -62,8 +62,8 @@ TRAIN = dict(block=128, batch=8, steps=1800, warmup=100, lr=3e-3, min_lr_ratio=0
 # is KEY.") on even steps, the same fact blocks on odd steps so the facts stay learnt. Copying a
 # key found by content formed neither in the fact schedule (peak 3e-3) nor from a fresh model
 # followed by it (the facts' high rate wiped it); from the fact-trained model at 1e-3 it forms on
-# keys 0-5 filler words away, then extends to 0-40 words (bench/induction_probe.py, README "Long
-# context"). When each stage succeeds varies from run to run (below 0.1 on near keys after ~650
+# keys 0-5 filler words away, then extends to 0-40 words (bench/induction_probe.py,
+# model/BUILD_HISTORY.md). When each stage succeeds varies from run to run (below 0.1 on near keys after ~650
 # steps from an earlier build's weights, after 1951 from this build's; far keys then learnt at
 # once from the former, from near chance in 1468 steps from the latter), so each stage goes on
 # until its key-digit loss is below formed_below (a fixed rule on a seeded run: still

@@ -23,6 +23,13 @@ REPO = Path(__file__).resolve().parent.parent
 TINY_MOE = REPO / "model" / "tiny-moe"
 TINY_TASKS = REPO / "data" / "tiny-tasks"
 
+# Commands the README and docs/ show on the bundled default that train, by the slow test that runs
+# them: tests/e2e/test_pipeline.py takes its argv from here and tests/docs/test_docs.py matches the docs'
+# commands against it, so the documented command and the tested one cannot drift apart.
+DOCUMENTED_RUNS = {
+    "pipeline": ["pipeline", "recipes/tiny-moe", "--eval-data", "data/tiny-tasks/test.jsonl", "--overwrite"],
+}
+
 MIXTRAL_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
     "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"

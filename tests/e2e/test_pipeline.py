@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from conftest import REPO, TINY_TASKS
+from conftest import DOCUMENTED_RUNS, REPO, TINY_TASKS
 
+from finetune.cli import build_parser
 from finetune.eval.passkey import accuracy_by_length
 from finetune.eval.scores import evaluate
 from finetune.load.chain import load_for_inference
@@ -22,14 +23,20 @@ BF16_LOSS_TOLERANCE = 0.01  # relative
 @pytest.mark.slow
 def test_pipeline_on_bundled_default_improves_each_stage(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)  # the shipped recipes name repository-relative paths
+    # The README's command, parsed by the real CLI parser (tests/docs/test_docs.py checks the README shows
+    # exactly this); only the output directories move to tmp_path.
+    args = build_parser().parse_args(DOCUMENTED_RUNS["pipeline"])
+    assert args.command == "pipeline" and args.export_dir is None and not args.resume
     recipes = tmp_path / "recipes"
     recipes.mkdir()
     for stage in ("sft", "dpo"):
-        raw = yaml.safe_load((REPO / "recipes" / "tiny-moe" / f"{stage}.yaml").read_text())
+        raw = yaml.safe_load((REPO / args.recipes / f"{stage}.yaml").read_text())
         raw["output_dir"] = str(tmp_path / "runs" / stage)
         (recipes / f"{stage}.yaml").write_text(yaml.safe_dump(raw))
+    assert [str(TINY_TASKS / "test.jsonl")] == [str(REPO / f) for f in args.eval_data]
     test_file = str(TINY_TASKS / "test.jsonl")
-    summary = run_pipeline(str(recipes), [test_file], export_dir=str(tmp_path / "export"))
+    summary = run_pipeline(str(recipes), [test_file], export_dir=str(tmp_path / "export"), export_dtype=args.export_dtype,
+                           overrides=args.overrides, overwrite=args.overwrite, with_passkey=not args.no_passkey)
 
     em = {stage: summary["results"][stage][test_file]["exact_match"] for stage in ("base", "sft", "dpo", "export")}
     assert em["base"] < em["sft"] < em["dpo"], em

@@ -53,7 +53,7 @@ def test_4bit_sft_and_dpo_improve_exact_match_and_export_to_16bit(tmp_path, monk
     print(json.dumps(score))
     manifest = json.loads((exported / "export.json").read_text())
     print(json.dumps({k: v for k, v in manifest.items() if "error" in k or "nf4" in k}))
-    # measured: base 0.0, SFT 0.425, DPO 0.50, export 0.45 after one epoch each (README, QLoRA)
+    # measured: base 0.0, SFT 0.425, DPO 0.50, export 0.45 after one epoch each (docs/qlora.md, bench/RESULTS.md)
     assert score["sft"] - score["base"] >= 0.1, score
     assert score["dpo"] - score["base"] >= 0.1, score
     assert manifest["nf4_chain_relative_error"] <= manifest["nf4_tolerance"]

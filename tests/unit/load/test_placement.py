@@ -1,7 +1,7 @@
 """Where eval, routing and pipeline load models: 16-bit on GPUs, float32 on the CPU, overrides.
 
 The GPU branch is tested on a CPU machine by monkeypatching torch.cuda (it needs a real GPU
-to run end to end; see README).
+to run end to end; see docs/evaluation.md).
 """
 
 from __future__ import annotations

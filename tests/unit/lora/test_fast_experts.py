@@ -1,4 +1,4 @@
-"""finetune/expert_lora.py against PEFT's own target_parameters path, on tiny random Mixtrals.
+"""finetune/lora/fast_experts.py against PEFT's own target_parameters path, on tiny random Mixtrals.
 
 Run: `pytest tests/unit/lora/test_fast_experts.py` (CPU, offline, well under a minute).
 """

@@ -1,4 +1,4 @@
-"""When finetune/expert_lora.py may take torch._grouped_mm: widths, CUDA capability, alignment.
+"""When finetune/lora/fast_experts.py may take torch._grouped_mm: widths, CUDA capability, alignment.
 
 Run: `pytest tests/unit/lora/test_grouped_mm.py` (CPU, a few seconds). On CPU the grouped path is
 taken for float32 and bfloat16, so the width and alignment guards are exercised for real; the
