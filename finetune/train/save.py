@@ -15,6 +15,7 @@ from finetune.runs import staging as rundirs
 from finetune.runs.adapter_card import write_adapter_card
 from finetune.runs.adapter_check import check_saved_adapter
 from finetune.runs.resume import RunTotalsCallback
+from finetune.train.tokens import TokenCounter
 
 
 def final_losses(log_history: list[dict]) -> dict:
@@ -31,6 +32,9 @@ def print_summary(stage: str, out: Path, metrics: dict) -> None:
     groups = metrics["trainable_parameters"]
     lines.append("  trainable parameters: " + ", ".join(f"{k} {v:,}" for k, v in groups.items()) + f" (total {sum(groups.values()):,})")
     lines.append(f"  tokens seen: {metrics.get('tokens_seen', 0):,}")
+    fed = metrics.get("tokens_fed")
+    if fed:
+        lines.append(f"  padding: {metrics['padding_tokens']:,} of {fed:,} tokens fed ({metrics['padding_share']:.1%})")
     losses = metrics.get("final", {})
     if losses:
         lines.append("  final: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in losses.items()))
@@ -68,6 +72,8 @@ def train_and_save(stage: str, trainer, tokenizer, rundir: rundirs.RunDir, recip
     """
     totals = RunTotalsCallback(trainer)
     trainer.add_callback(totals)
+    fed = TokenCounter()  # padding-free batches feed none; padded ones show what they waste
+    trainer.add_callback(fed)
     if rundir.resume_from is not None:
         totals.restore(rundir.resume_from)
     with Timer() as timer:
@@ -91,6 +97,7 @@ def train_and_save(stage: str, trainer, tokenizer, rundir: rundirs.RunDir, recip
         "world_size": trainer.args.world_size,
         "trainable_parameters": counts,
         "tokens_seen": int(getattr(trainer, "_total_train_tokens", 0)),
+        **fed.summary(),  # this session's forwards (a resumed run: since the resume)
         "rows": report.rows,
         "dropped_rows": len(report.dropped),
         "router_policy": checked.targets.router_policy,

@@ -1,0 +1,101 @@
+"""Padding-free SFT batches (the default, finetune/train/args.py) compute what the rows compute alone.
+
+TRL's collator with `padding_free=True` concatenates a batch's rows into one sequence with
+position ids restarting per row and no attention mask; transformers 5 then builds a block-diagonal
+causal mask from the position ids (sdpa and eager) when no cache is passed (TRL's SFTTrainer sets
+use_cache=False in compute_loss; with a cache transformers skips that detection and the rows
+would see each other), so no token attends across two rows. These
+tests prove it on tiny random models, dense and MoE: every row's per-token losses and the summed
+gradients equal those of the rows run one by one; the router aux loss over the packed batch
+equals the padded batch's with its attention mask (real tokens only); routing capture counts the
+same tokens.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import build_model, recipe_file, sft_recipe
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+from finetune.recipe import read_recipe
+from finetune.routing.capture import RoutingCapture
+from finetune.stages.sft import run_sft
+
+ROWS = [[5, 9, 13, 2, 7, 7, 30, 11], [4, 8, 15, 16, 23], [12, 3, 3, 40, 41, 42, 9, 1, 6, 22, 17]]
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy of next-token prediction (labels shifted as the model does)."""
+    return torch.nn.functional.cross_entropy(logits[:-1], labels[1:], reduction="none", ignore_index=-100)
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "mistral"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_padding_free_batch_equals_rows_one_by_one(kind, attn):
+    model = build_model(kind, vocab_size=64, attn_implementation=attn).float()
+    collate = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
+    batch = collate([{"input_ids": r} for r in ROWS])
+    assert "attention_mask" not in batch and batch["input_ids"].shape == (1, sum(map(len, ROWS)))
+
+    model.zero_grad()
+    packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+    packed_losses = token_losses(packed, batch["labels"][0])
+    packed_losses[batch["labels"][0][1:] != -100].sum().backward()
+    packed_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model.zero_grad()
+    alone_losses = []
+    for row in ROWS:
+        ids = torch.tensor([row])
+        logits = model(input_ids=ids).logits[0]
+        losses = token_losses(logits, ids[0])
+        losses.sum().backward()
+        alone_losses.append(losses.detach())
+    alone_grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    start = 0
+    for row, alone in zip(ROWS, alone_losses):
+        # within the packed sequence, row k's predictions are positions start .. start+len-2
+        got = packed_losses[start:start + len(row) - 1].detach()
+        torch.testing.assert_close(got, alone, rtol=1e-5, atol=1e-5)
+        start += len(row)
+    # the last token of a row never predicts the first of the next: the collator masks that label
+    boundaries = [sum(map(len, ROWS[:i])) for i in range(1, len(ROWS))]
+    assert all(batch["labels"][0][b] == -100 for b in boundaries)
+    assert packed_grads.keys() == alone_grads.keys()
+    for name in packed_grads:
+        torch.testing.assert_close(packed_grads[name], alone_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_aux_loss_and_routing_count_only_real_tokens():
+    """The packed batch has no padding; its aux loss and routing counts equal the padded batch's over real tokens."""
+    model = build_model("mixtral", vocab_size=64, output_router_logits=True).float().eval()
+    packed = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)([{"input_ids": r} for r in ROWS])
+    padded = DataCollatorForLanguageModeling(pad_token_id=0)([{"input_ids": r} for r in ROWS])
+    assert int((padded["attention_mask"] == 0).sum()) > 0  # the padded batch does pad
+    with torch.no_grad(), RoutingCapture(model, mode="counts") as cap:
+        aux_packed = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).aux_loss
+        counts_packed = cap.counts.clone()
+        cap.reset_counts()
+        aux_padded = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).aux_loss
+        counts_padded = cap.counts.clone()
+    torch.testing.assert_close(aux_packed, aux_padded, rtol=1e-5, atol=1e-7)
+    assert counts_packed.sum() == sum(map(len, ROWS)) * 2 * model.config.num_hidden_layers  # top-2, real tokens
+    torch.testing.assert_close(counts_packed, counts_padded)
+
+
+@pytest.mark.parametrize("padding_free", [True, False])
+def test_the_run_reports_the_padding_it_fed(tmp_path, tiny_mixtral, sft_file, padding_free):
+    """SFT is padding-free by default; metrics.json and the summary say how many padding tokens were fed."""
+    extra = {} if padding_free else {"sft": {"padding_free": False}}
+    recipe = read_recipe(recipe_file(tmp_path, **sft_recipe(tmp_path, tiny_mixtral, sft_file, **extra)))
+    out = run_sft(recipe)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["tokens_fed"] > 0
+    if padding_free:
+        assert metrics["padding_tokens"] == 0
+    else:
+        assert 0 < metrics["padding_tokens"] < metrics["tokens_fed"]
