@@ -165,7 +165,7 @@ def experts_forward(experts, hidden_states, top_k_index, top_k_weights, loras):
 
     # sort (token, k) pairs by expert once; both projections share the groups
     expert_ids, perm = torch.sort(top_k_index.reshape(-1), stable=True)
-    counts = torch.bincount(expert_ids, minlength=experts.num_experts)
+    counts = expert_ids.new_zeros(experts.num_experts).scatter_add_(0, expert_ids, torch.ones_like(expert_ids))  # no bincount: a host sync on CUDA
     offs = torch.cumsum(counts, 0, dtype=torch.int32)
     loras_used = [lo for lo in (lora1, lora2) if lo]
     dims = [w1.shape[1], w1.shape[2], w2.shape[1], w2.shape[2]] + [lo[0].shape[1] for lo in loras_used]
