@@ -111,7 +111,13 @@ def run(out, dry_run: bool) -> dict:
         part.skip("CUDA timings and peak memory", "no CUDA: tiny shapes on the CPU (peak RSS), not a GPU figure")
     part.data.update(shapes=s, device=device, gradient_checkpointing=True, peak_tflops=H100_BF16_DENSE_TFLOPS,
                      plan_predicted_gib=None, plan_note="`finetune plan` does not exist in this tree")
-    qlora.require_bitsandbytes("the qlora part")
+    try:
+        qlora.require_bitsandbytes("the qlora part")
+    except Exception as exc:  # noqa: BLE001  (UserError: not installed; the report shows the part as skipped)
+        part.skip("qlora benchmark", str(exc))
+        part.error = str(exc)
+        part.write("skipped")
+        return part.data
     el.reset_peak(device)
     import time
 
