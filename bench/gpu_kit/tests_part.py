@@ -19,6 +19,18 @@ from pathlib import Path
 from gpu_kit.common import REPO, Part
 
 
+# Quick files first, the minutes-long pipeline last, so a timeout costs the fewest results (pytest
+# runs named files in the order given); any other file in tests/gpu runs before the pipeline.
+FIRST = ["test_gpu_expert_path.py", "test_gpu_qlora.py", "test_gpu_placement.py"]
+LAST = ["test_gpu_pipeline.py"]
+
+
+def ordered_files() -> list[str]:
+    found = sorted(p.name for p in (REPO / "tests" / "gpu").glob("test_*.py"))
+    names = [n for n in FIRST if n in found] + [n for n in found if n not in FIRST + LAST] + [n for n in LAST if n in found]
+    return [f"tests/gpu/{n}" for n in names]
+
+
 def run(out, dry_run: bool, timeout: float = 240.0) -> dict:
     part = Part("tests", out, dry_run)
     with tempfile.TemporaryDirectory() as tmp:
@@ -28,7 +40,7 @@ def run(out, dry_run: bool, timeout: float = 240.0) -> dict:
         if dry_run:
             env["GPU_KIT_DRY_RUN"] = "1"
         # -o addopts= drops pyproject's "-m 'not slow'" so that -m gpu alone selects
-        cmd = [sys.executable, "-m", "pytest", "-o", "addopts=", "-m", "gpu", "tests/gpu", "-p", "gpu_kit.pytest_record",
+        cmd = [sys.executable, "-m", "pytest", "-o", "addopts=", "-m", "gpu", *ordered_files(), "-p", "gpu_kit.pytest_record",
                "-q", "-rs", "-p", "no:cacheprovider"]
         part.data["pytest_command"] = " ".join(cmd[1:])
         print("tests: " + part.data["pytest_command"], flush=True)
