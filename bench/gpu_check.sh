@@ -40,14 +40,19 @@ else
         qlora) parts=(env qlora) ;;
         all) parts=(env tests bench profile qlora) ;;
     esac
-    # seconds; core worst case 60+220+150+90 = 520, inside the device tool's 600-second command limit
-    declare -A limit=([env]=60 [tests]=220 [bench]=150 [profile]=90 [qlora]=300)
+    # seconds; core worst case 45+220+150+90 (+30 report) = 535, inside the device tool's 600-second command
+    # limit; --qlora 45+180+30; --all adds both and can outrun 600 s only if parts hit their limits
+    declare -A limit=([env]=45 [tests]=220 [bench]=150 [profile]=90 [qlora]=180)
 fi
 OUT=${OUT:-$(mktemp -d "${TMPDIR:-/tmp}/gpu-kit.XXXXXX")}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/kit.log") 2>&1
 echo "# bench/gpu_check.sh $* -> $OUT ($(date -u +%Y-%m-%dT%H:%M:%SZ))"
 
+if [ ${#dry[@]} -eq 0 ] && ! "$PYTHON" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+    echo "gpu_check.sh: no CUDA GPU visible to $PYTHON; on a CPU machine run: bench/gpu_check.sh --dry-run" >&2
+    exit 2
+fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 site=""
 if [ ${#dry[@]} -eq 0 ] && compgen -G ".whl/*.whl" >/dev/null; then
@@ -57,10 +62,6 @@ if [ ${#dry[@]} -eq 0 ] && compgen -G ".whl/*.whl" >/dev/null; then
         || { echo "gpu_check.sh: installing .whl/*.whl failed" >&2; exit 1; }
 fi
 export PYTHONPATH="${site:+$site:}$REPO${PYTHONPATH:+:$PYTHONPATH}"
-if [ ${#dry[@]} -eq 0 ] && ! "$PYTHON" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
-    echo "gpu_check.sh: no CUDA GPU visible to $PYTHON; on a CPU machine run: bench/gpu_check.sh --dry-run" >&2
-    exit 2
-fi
 
 rcs=()
 for part in "${parts[@]}"; do
@@ -74,7 +75,7 @@ for part in "${parts[@]}"; do
     echo "# part $part: exit $rc after $((SECONDS - start)) s"
     rcs+=(--rc "$part=$rc")
 done
-timeout -k 10 60 "$PYTHON" bench/gpu_kit/kit.py report --out "$OUT" "${dry[@]}" "${rcs[@]}" --command "bench/gpu_check.sh $*"
+timeout -k 10 30 "$PYTHON" bench/gpu_kit/kit.py report --out "$OUT" "${dry[@]}" "${rcs[@]}" --command "bench/gpu_check.sh $*"
 rc=$?
 [ -n "$site" ] && rm -rf "$site"
 echo "# files in $OUT:"
