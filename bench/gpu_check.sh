@@ -73,7 +73,7 @@ for part in "${parts[@]}"; do
     timeout -k 10 "$t" "$PYTHON" bench/gpu_kit/kit.py "$part" --out "$OUT" "${dry[@]}" "${extra[@]}"
     rc=$?
     echo "# part $part: exit $rc after $((SECONDS - start)) s"
-    rcs+=(--rc "$part=$rc")
+    rcs+=(--rc "$part=$rc:$((SECONDS - start))")
 done
 timeout -k 10 30 "$PYTHON" bench/gpu_kit/kit.py report --out "$OUT" "${dry[@]}" "${rcs[@]}" --command "bench/gpu_check.sh $*"
 rc=$?

@@ -56,15 +56,19 @@ def dry_run(out: Path) -> list[str]:
     returns the schema problems (none when all is well)."""
     from gpu_kit import report
 
-    rcs = {}
+    import time
+
+    rcs, walls = {}, {}
     for name in PARTS:
+        t0 = time.perf_counter()
         try:
             run_part(name, out, True)
             rcs[name] = 0
         except Exception as exc:  # noqa: BLE001  (the report names the part that failed; the test fails on it)
             print(f"{name}: {type(exc).__name__}: {exc}", file=sys.stderr)
             rcs[name] = 1
-    return report.run(out, rcs, dry_run=True, command="python bench/gpu_kit/kit.py dry-run")
+        walls[name] = round(time.perf_counter() - t0)
+    return report.run(out, rcs, dry_run=True, command="python bench/gpu_kit/kit.py dry-run", walls=walls)
 
 
 def main(argv=None) -> int:
@@ -73,7 +77,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes")
     ap.add_argument("--timeout", type=float, default=None, help="tests: pytest's own limit in seconds")
-    ap.add_argument("--rc", action="append", default=[], help="report: PART=EXIT_CODE of each part the script ran")
+    ap.add_argument("--rc", action="append", default=[], help="report: PART=EXIT_CODE[:WALL_SECONDS] of each part run")
     ap.add_argument("--command", default=None, help="report: the command line to record")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -83,8 +87,12 @@ def main(argv=None) -> int:
     if args.part == "report":
         from gpu_kit import report
 
-        rcs = dict(kv.split("=", 1) for kv in args.rc)
-        problems = report.run(args.out, {k: int(v) for k, v in rcs.items()}, args.dry_run, args.command)
+        rcs, walls = {}, {}
+        for kv in args.rc:  # PART=CODE or PART=CODE:WALL_SECONDS
+            name, value = kv.split("=", 1)
+            code, _, wall = value.partition(":")
+            rcs[name], walls[name] = int(code), int(wall) if wall else None
+        problems = report.run(args.out, rcs, args.dry_run, args.command, walls)
         return 1 if problems else 0
     data = run_part(args.part, args.out, args.dry_run, args.timeout)
     return 0 if data is not None else 1

@@ -28,7 +28,7 @@ from gpu_kit.common import H100_BF16_DENSE_TFLOPS, Part, load_bench_script, summ
 FULL = dict(layers=4, hidden=4096, intermediate=14336, experts=8, top_k=2, heads=32, kv_heads=8, vocab=32000,
             batch=4, seq=2048, rank=16, dtype="bf16", steps=7, warmup=2)
 DRY = dict(layers=2, hidden=64, intermediate=128, experts=4, top_k=2, heads=4, kv_heads=2, vocab=128,
-           batch=2, seq=32, rank=8, dtype="bf16", steps=3, warmup=1)
+           batch=2, seq=32, rank=8, dtype="bf16", steps=2, warmup=1)
 PATHS = ("peft-grouped_mm", "fast", "attn-only")
 MODES = ("sft", "dpo")
 # docs/gpu.md: the fast path against attention-only LoRA (the floor) and against stock PEFT (the moonshot)

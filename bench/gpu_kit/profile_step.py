@@ -72,7 +72,7 @@ def run(out, dry_run: bool) -> dict:
                      fast_layers=enable_fast_expert_lora(model))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     ids = torch.randint(0, a.vocab, (a.batch, a.seq), device=a.device, generator=torch.Generator(device=a.device).manual_seed(1))
-    for _ in range(2):  # warm-up: allocator, cuBLAS handles, lazy kernels
+    for _ in range(2 if cuda else 1):  # warm-up: allocator, cuBLAS handles, lazy kernels
         sft_step(model, opt, ids)
     sync(a.device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])

@@ -67,8 +67,8 @@ def markdown(docs: dict, parts: dict, command: str | None, dry_run: bool) -> str
              f"- versions: torch {v.get('torch')} (CUDA {v.get('torch_cuda')}), transformers {v.get('transformers')}, "
              f"peft {v.get('peft')}, trl {v.get('trl')}, bitsandbytes {v.get('bitsandbytes')}, accelerate "
              f"{v.get('accelerate')}, datasets {v.get('datasets')}, Python {v.get('python')}; driver {smi.get('driver_version', '-')}",
-             "- parts: " + ", ".join(f"{k} {p['status']}" + (f" ({p['seconds']:.0f} s)" if p.get("seconds") else "")
-                                     for k, p in parts.items())]
+             "- parts (status, wall seconds of the process): " + ", ".join(
+                 f"{k} {p['status']}" + (f" ({p['wall_s']} s)" if p.get("wall_s") is not None else "") for k, p in parts.items())]
     if env.get("matmul"):
         m = env["matmul"]
         lines.append(f"- measured matrix-product rate: {m['tflops']:.3g} TFLOP/s ({m['n']}^3 {m['dtype']}, median of {m.get('reps')}); "
@@ -122,7 +122,7 @@ def markdown(docs: dict, parts: dict, command: str | None, dry_run: bool) -> str
     return "\n".join(lines) + "\n"
 
 
-def run(out, rcs: dict[str, int], dry_run: bool, command: str | None = None) -> list[str]:
+def run(out, rcs: dict[str, int], dry_run: bool, command: str | None = None, walls: dict | None = None) -> list[str]:
     out = Path(out)
     part = Part("report", out, dry_run)
     docs, parts, problems = {}, {}, []
@@ -144,6 +144,9 @@ def run(out, rcs: dict[str, int], dry_run: bool, command: str | None = None) -> 
         if rc in (124, 137):
             status = "timeout"
         parts[name] = {"status": status, "rc": rc, "file": path.name, "seconds": doc.get("seconds"), "error": doc.get("error")}
+    for name, wall in (walls or {}).items():
+        if name in parts:
+            parts[name]["wall_s"] = wall  # the whole process, imports included (the script's clock)
     part.data.update(parts=parts, schema_problems=problems)
     md = markdown(docs, parts, command, dry_run)
     (out / "results.md").write_text(md)
