@@ -32,15 +32,16 @@ WHEELS=(transformers==5.25.0 peft==0.21.2 trl==1.16.0 accelerate==1.16.0 dataset
 KEEP_LIBS='libbitsandbytes_(cpu|cuda130|cuda132)\.so$'
 
 git check-ignore -q .whl/x || { echo "gpu_wheels.sh: .whl/ is not ignored by git (add /.whl/ to .gitignore)" >&2; exit 2; }
-rm -rf .whl.tmp && mkdir .whl.tmp
+tmp=$(mktemp -d)  # outside the tree: a half-finished download must never travel with it
+trap 'rm -rf "$tmp"' EXIT
 "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
-    -d .whl.tmp "${WHEELS[@]}"
-bnb=$(ls .whl.tmp/bitsandbytes-*.whl)
+    -d "$tmp" "${WHEELS[@]}"
+bnb=$(ls "$tmp"/bitsandbytes-*.whl)
 drop=$(unzip -Z1 "$bnb" | grep -E '^bitsandbytes/libbitsandbytes_.*\.so$' | grep -vE "$KEEP_LIBS" || true)
 [ -z "$drop" ] || zip -q -d "$bnb" $drop
-rm -rf .whl && mv .whl.tmp .whl  # swap in only a complete folder
+rm -rf .whl && mv "$tmp" .whl  # swap in only a complete folder
 
 tree=$(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1)
 size=$(du -cb .whl/*.whl | tail -1 | cut -f1)

@@ -10,13 +10,24 @@ import json
 import os
 
 
+def _append(rec: dict) -> None:
+    path = os.environ.get("GPU_KIT_TESTS_JSONL")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(rec, default=str) + "\n")
+
+
+def pytest_collectreport(report):
+    # a test file that cannot even be imported (a missing or mismatched package on the GPU machine)
+    if report.failed:
+        _append({"nodeid": report.nodeid, "name": report.nodeid, "outcome": "error", "when": "collect",
+                 "duration_s": 0.0, "properties": {}, "message": report.longreprtext[-3000:]})
+
+
 def pytest_runtest_logreport(report):
     # one line per test: its call phase, or the setup/teardown phase that skipped or failed it
     if not (report.when == "call" or (report.when == "setup" and not report.passed)
             or (report.when == "teardown" and report.failed)):
-        return
-    path = os.environ.get("GPU_KIT_TESTS_JSONL")
-    if not path:
         return
     rec = {"nodeid": report.nodeid, "name": report.nodeid.split("::")[-1], "outcome": report.outcome,
            "when": report.when, "duration_s": round(report.duration, 3),
@@ -26,5 +37,4 @@ def pytest_runtest_logreport(report):
         rec["reason"] = reason.removeprefix("Skipped: ")
     elif report.failed:
         rec["message"] = report.longreprtext[-3000:]
-    with open(path, "a") as f:
-        f.write(json.dumps(rec, default=str) + "\n")
+    _append(rec)
