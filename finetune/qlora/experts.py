@@ -63,7 +63,6 @@ def _nf4_grouped_linear(self, name: str, x, lora, groups):
 def _nf4_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     if hasattr(self, "parametrizations"):  # PEFT's stock ParamWrapper wants to add W + BA here
         raise RuntimeError(STOCK_PATH)
-
     return experts_forward(self, hidden_states, top_k_index, top_k_weights, {})
 
 
