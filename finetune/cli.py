@@ -1,6 +1,7 @@
-"""The `finetune` command: validate, sft, dpo, export, eval, routing.
+"""The `finetune` command: validate, plan, sft, dpo, export, eval, routing.
 
     finetune validate recipes/tiny-moe/sft.yaml
+    finetune plan recipes/mixtral-8x7b/sft.yaml --gpu h100-80gb --gpus 8
     finetune sft recipes/tiny-moe/sft.yaml
     finetune dpo recipes/tiny-moe/dpo.yaml
     finetune export runs/tiny-moe/dpo --output exports/tiny-moe-instruct
@@ -78,6 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="replace a finished run at output_dir (only a run of this project; it stays intact until the new one has finished)")
         p.add_argument("--resume", action="store_true",
                        help="continue an interrupted run from its newest complete checkpoint (<parent>/.<name>.incomplete/)")
+
+    p = sub.add_parser("plan", help="will a recipe fit: memory per GPU and strategy, micro-batch, launch config, time (no weights)")
+    _add_recipe_args(p)
+    p.add_argument("--gpu", help="GPU model (h100-80gb, h200, a100-40gb, a100-80gb, l40s, rtx4090, ...; default h100-80gb)")
+    p.add_argument("--gpu-memory", help="memory of one GPU for any other card, e.g. 48GiB")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs per node (default 1)")
+    p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    p.add_argument("--nf4", action="store_true", help="plan a 4-bit base even if the recipe has none")
+    p.add_argument("--rows", type=positive_int, help="training rows, for the job time of a hub data set")
+    p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("export", help="merge a run's adapter chain into a standalone checkpoint")
     p.add_argument("run", help="run directory (SFT or DPO)")
@@ -173,9 +184,17 @@ def dispatch(args) -> int:
         from finetune.validate import check
 
         checked = check(read_recipe(args.recipe, args.overrides))
+        from finetune.plan.warn import fit_warning  # says nothing without CUDA
+
+        if warning := fit_warning(checked):
+            print(warning, file=sys.stderr)
         groups = ", ".join(f"{k} ({', '.join(g.targets)}; r={g.r})" for k, g in checked.plan.groups.items())
         print(f"{args.recipe}: OK ({checked.stage}; LoRA on {groups}; router {checked.plan.router_policy})")
         return 0
+    if args.command == "plan":
+        from finetune.plan.render import plan_cli
+
+        return plan_cli(args)
     if args.command == "sft":
         from finetune.stages.sft import run_sft
 
