@@ -93,3 +93,49 @@ def saved_bytes(model, batch: int, seq: int, vocab: int, checkpointing: bool, se
         loss.backward()
         del loss
     return tracker.peak
+
+
+def _vm(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def rss_of_training(sizes: dict, batch: int, seq: int, steps: int = 2) -> dict:
+    """Run in a fresh process: peak RSS (VmHWM) of LoRA training steps on a random float32
+    Mixtral-architecture model, minus the RSS after imports; and the plan's CPU variant."""
+    import gc
+
+    from finetune.plan.memory import Setup, estimate
+    from finetune.plan.shapes import model_shape
+
+    gc.collect()
+    baseline = _vm("VmRSS")
+    config = random_config("mixtral", **sizes)
+    plan, model = wrapped_model(config, "sdpa")
+    built = _vm("VmHWM") - baseline
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        ids = torch.randint(0, config.vocab_size, (batch, seq), generator=gen)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    measured = _vm("VmHWM") - baseline
+    _, meta = wrapped_model(config, "sdpa", meta=True)
+    shape = model_shape(config, meta, plan)
+    setup = Setup(batch=batch, seq=seq, dtype_bytes=4, lora_bytes=4, kernel="sdpa", checkpointing=False,
+                  dpo=False, nf4=False, world=1, cuda=False)
+    e = estimate(shape, setup, "one process")
+    return {"measured": measured, "after_build": built, "planned": e.peak, "parts": e.parts, "params": shape.total_params}
+
+
+if __name__ == "__main__":  # python tests/plan_measure.py '{"hidden_size": ...}' BATCH SEQ
+    import json
+    import sys
+
+    torch.set_num_threads(1)
+    print(json.dumps(rss_of_training(json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))))
