@@ -80,7 +80,7 @@ def layer_saved(s: LayerShape, m: ModelShape, B: int, S: int, b: int, kernel: st
     if s.dense_inter:
         widths = {"gate_proj": H, "up_proj": H, "down_proj": s.dense_inter}
         out += _lora_linears(s.lora_mlp, widths, ("gate_proj", "up_proj"), T, b, la)
-        out += (4 if "down_proj" in s.lora_mlp else 3) * T * s.dense_inter * b
+        out += 3 * T * s.dense_inter * b  # gate output (SiLU's input), SiLU output, up output; act*up is down's LoRA input
     return out
 
 
@@ -96,10 +96,20 @@ def saved_peak(m: ModelShape, B: int, S: int, b: int, kernel: str, checkpointing
     after the head's tensors were released."""
     layers = [layer_saved(s, m, B, S, b, kernel, la) for s in m.layers]
     head = head_saved(m, B, S, b)
+    norm_input = B * S * (m.hidden * FP32 + FP32)
     if not checkpointing:
-        return sum(layers) + head
+        # the first layer's input (the frozen embedding's output) needs no gradient: its RMSNorm saves nothing
+        return sum(layers) - norm_input + head
     inputs = len(layers) * B * S * m.hidden * b
-    return inputs + max(head, max(layers))
+    # in fp32 the recomputed layer's RMSNorm saves the very input the checkpoint holds
+    shared = B * S * m.hidden * FP32 if b == FP32 else 0
+    return inputs + max(head, max(layers) - shared)
+
+
+def backward_buffers(m: ModelShape, B: int, S: int, b: int, kernel: str, la: int = FP32) -> int:
+    """Gradients of one layer's intermediate tensors, alive while that layer's backward runs:
+    about the size of what the layer saved."""
+    return max(layer_saved(s, m, B, S, b, kernel, la) for s in m.layers)
 
 
 def logits_transient(m: ModelShape, B: int, S: int, b: int) -> int:

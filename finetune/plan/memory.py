@@ -23,6 +23,12 @@ NF4_LINEAR_BYTES = 0.518
 # caching allocator's fragmentation as a share of everything allocated.
 CUDA_CONTEXT = 1.0 * 1024**3
 ALLOCATOR_SLACK = 0.05
+# The CPU variant's counterpart of the CUDA context: what a process's first training steps add to
+# its RSS beyond the tensors (lazily built kernels and thread pools, malloc arenas). Measured with
+# tests/plan_measure.py on a 0.29M-parameter Mixtral (hidden 64, batch 2 x 256): 40.6 and 41.6 MB
+# peak above the import baseline (two runs), of which the tensor terms here explain 16.8 MB.
+# The larger models of tests/test_plan_memory.py check it.
+CPU_RUNTIME = 23 * 1024**2
 STRATEGIES = ("one process", "DDP", "FSDP2", "ZeRO-3", "ZeRO-3 + offload")
 CONFIGS = {"one process": None, "DDP": "recipes/accelerate/ddp.yaml", "FSDP2": "recipes/accelerate/fsdp2.yaml",
            "ZeRO-3": "recipes/accelerate/zero3.yaml", "ZeRO-3 + offload": "recipes/accelerate/zero3-offload.yaml"}
@@ -68,6 +74,7 @@ def activation_parts(m: ModelShape, s: Setup) -> dict[str, int]:
     rows = s.batch * (2 if s.dpo else 1)  # DPO: chosen and rejected in one pass
     parts = {
         "activations": act.saved_peak(m, rows, s.seq, s.dtype_bytes, s.kernel, s.checkpointing, s.lora_bytes),
+        "backward buffers": act.backward_buffers(m, rows, s.seq, s.dtype_bytes, s.kernel, s.lora_bytes),
         "logits": act.logits_transient(m, rows, s.seq, s.dtype_bytes),
         "moe dispatch": act.dispatch_transient(m, rows, s.seq, s.dtype_bytes),
     }
@@ -126,5 +133,7 @@ def estimate(m: ModelShape, s: Setup, strategy: str) -> Estimate:
     if s.cuda:
         e.parts["allocator slack (5%)"] = int(total * ALLOCATOR_SLACK)
         e.parts["CUDA context"] = int(CUDA_CONTEXT)
+    else:
+        e.parts["CPU runtime"] = CPU_RUNTIME
     e.peak = sum(e.parts.values())
     return e
