@@ -71,7 +71,8 @@ def plan(checked, gpu: hardware.Gpu, gpus: int = 1, nodes: int = 1, nf4: bool | 
     section = getattr(checked.recipe, checked.stage)
     accum = _setting(section, "gradient_accumulation_steps", checked.stage)
     global_batch = base.batch * accum * world
-    strategies = [s for s in memory.STRATEGIES if not (world > 1 and s == "one process") and not (world == 1 and s == "DDP")]
+    strategies = [s for s in memory.STRATEGIES if not (world > 1 and s == "one process")
+                  and not (world == 1 and s in ("DDP", "FSDP2", "ZeRO-3"))]
     table = []
     for strategy in strategies:
         e = memory.estimate(m, base, strategy)

@@ -97,8 +97,8 @@ def estimate(m: ModelShape, s: Setup, strategy: str) -> Estimate:
         return e
     if strategy == "one process" and n > 1:
         e.note = f"uses 1 of the {n} GPUs"
-    if strategy == "DDP" and n == 1:
-        e.note = "needs 2+ GPUs"
+    if strategy in ("DDP", "FSDP2", "ZeRO-3") and n == 1:
+        e.note = "needs 2+ GPUs (shards nothing on one)" if strategy != "DDP" else "needs 2+ GPUs"
         return e
     weights = weight_bytes(m, s.dtype_bytes, s.nf4)
     state = lora_state(m, s.lora_bytes)
@@ -112,9 +112,11 @@ def estimate(m: ModelShape, s: Setup, strategy: str) -> Estimate:
     elif strategy == "FSDP2":
         e.parts["base weights (1/N)"] = int(weights / n)
         e.parts["LoRA + grads + AdamW (1/N)"] = state // n
-        # the layer running and the next one prefetched, unsharded; the root unit (embeddings,
-        # lm_head) stays unsharded from its forward to its backward
-        e.parts["gathered layers (2)"] = 2 * largest_layer
+        # the layer running, unsharded; the next one prefetched: its all-gather output buffer and
+        # the unsharded parameters FSDP2 copies out of it (both alive until the copy-out ends);
+        # the all-gather input (this rank's shard, flat). The root unit (embeddings, lm_head)
+        # stays unsharded from its forward to its backward.
+        e.parts["gathered layers (3 + input)"] = 3 * largest_layer + largest_layer // n
         e.parts["root unit (embed, lm_head)"] = root
     elif strategy == "ZeRO-3":
         e.parts["base weights (1/N)"] = int(weights / n)
