@@ -1,7 +1,8 @@
 """`finetune plan`: will a recipe fit, on which GPUs, with which launch config, and how long it
 takes, offline and in seconds, from the model's meta-device module tree (no weights).
 
-Layer: beside validate/export/eval; imports validate, modeling, lora, recipe, errors (downward).
+Layer: beside validate/export/eval; imports modeling, lora, data, distributed, recipe, errors (downward);
+the command line (finetune/cli.py) validates the recipe and hands the result in.
 Parts: shapes.py (sizes, exact LoRA counts), activations.py (bytes saved for backward, checked
 against autograd in tests/test_plan_activations.py), memory.py (per-strategy bytes),
 hardware.py (GPUs, FLOPs), render.py (table, JSON).
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+from finetune import modeling
 from finetune.errors import UserError
 from finetune.plan import hardware, memory
 from finetune.plan.activations import kernel_for
@@ -34,8 +36,6 @@ def _setting(section: dict, key: str, stage: str):
 
 
 def shape_of(checked):
-    from finetune import modeling
-
     model = modeling.meta_model(checked.config, checked.recipe.model.trust_remote_code)
     return model_shape(checked.config, model, checked.plan)
 
@@ -84,7 +84,9 @@ def plan(checked, gpu: hardware.Gpu, gpus: int = 1, nodes: int = 1, nf4: bool | 
         if e.host:
             row["host_ram_gib_per_node"] = round(e.host / hardware.GIB, 1)
         table.append(row)
-    choice = next((r for r in table if r["fits"]), None) or next((r for r in table if r["largest_micro_batch"]), None)
+    # the first strategy in order (least communication, offload last) that runs at some micro-batch;
+    # a smaller micro-batch with more accumulation beats offloading the weights over PCIe
+    choice = next((r for r in table if r["largest_micro_batch"]), None)
     out = {
         "recipe": checked.recipe.source, "stage": checked.stage, "model": checked.recipe.model.name_or_path,
         "gpu": gpu.name, "gpu_memory_gib": round(gpu.memory / hardware.GIB, 2), "gpus": gpus, "nodes": nodes,

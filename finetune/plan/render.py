@@ -17,16 +17,18 @@ def _rows(recipe) -> int | None:
     return None if not counts or None in counts else sum(counts)
 
 
-def plan_cli(args) -> int:
-    from finetune.recipe import read_recipe
-    from finetune.validate import check
-
+def check_args(args) -> hardware.Gpu:
+    """The GPU and counts of the command line, before the recipe is read (bad ones exit 2)."""
     gpu = hardware.pick_gpu(args.gpu, args.gpu_memory)
     if args.gpus < 1 or args.nodes < 1:
         from finetune.errors import UserError
 
         raise UserError(f"--gpus and --nodes must be at least 1, got --gpus {args.gpus} --nodes {args.nodes}")
-    checked = check(read_recipe(args.recipe, args.overrides))
+    return gpu
+
+
+def plan_cli(args, checked, gpu: hardware.Gpu) -> int:
+    """Print the plan of a validated recipe (finetune/cli.py validates it: validate is a sibling layer)."""
     rows = args.rows or _rows(checked.recipe)
     result = plan(checked, gpu, args.gpus, args.nodes, nf4=True if args.nf4 else None, rows=rows)
     print(json.dumps(result, indent=2) if args.json else text(result))
@@ -49,6 +51,7 @@ def text(r: dict) -> str:
         f"{p['active_per_token'] / 1e9:.2f}B; LoRA {p['lora'] / 1e6:.1f}M ("
         + ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in p["lora_by_group"].items()) + ")",
         "",
+        f"  at micro-batch {r['micro_batch']}:",
         f"  {'strategy':<18}{'fits':<6}{'peak GiB':>10}{'headroom':>10}{'max micro-batch':>17}  note",
     ]
     for row in r["strategies"]:
@@ -61,11 +64,15 @@ def text(r: dict) -> str:
         lines.append("  nothing fits at micro-batch 1: use a 4-bit base (model.quantization: nf4), more GPUs, "
                      "gradient checkpointing, or a shorter data.max_length")
         return "\n".join(lines)
-    launch = f"accelerate launch --config_file {rec['config']} -m finetune" if rec["config"] else "finetune"
+    world = r["gpus"] * r["nodes"]
+    launch = (f"accelerate launch --config_file {rec['config']} --num_processes {world} -m finetune"
+              if rec["config"] else "finetune")
     lines.append(f"  use: {rec['strategy']}, micro-batch {rec['micro_batch']}, gradient accumulation "
                  f"{rec['gradient_accumulation']} (global batch {rec['global_batch']})")
     lines.append(f"       {launch} {r['stage']} {r['recipe']} --set {r['stage']}.per_device_train_batch_size={rec['micro_batch']} "
                  f"--set {r['stage']}.gradient_accumulation_steps={rec['gradient_accumulation']}")
+    if rec["strategy"] == "ZeRO-3 + offload" and not r["nf4"]:
+        lines.append(f"  or:  a 4-bit base on one GPU (model.quantization: nf4): finetune plan {r['recipe']} --nf4")
     big = next(row for row in r["strategies"] if row["strategy"] == rec["strategy"])
     lines.append("  peak of that row at the recipe's micro-batch: " + ", ".join(f"{k} {v:.2f}" for k, v in big["parts_gib"].items()) + " GiB")
     if rec.get("step_seconds") is not None:

@@ -3,7 +3,7 @@
 Per decoder layer: attention widths, per-head q/k norms, routed experts (E, intermediate, top-k),
 shared experts, a dense MLP; per model: parameter counts by kind, LoRA parameters per group
 counted from the very shapes PEFT will wrap. Sits beside validate/export/eval: imports
-modeling/lora/recipe only.
+modeling and lora only.
 
     finetune plan recipes/mixtral-8x7b/sft.yaml
 """
@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from finetune.lora import Plan
+from finetune.lora import Plan, find_routers
+from finetune.modeling import text_config
 
 
 @dataclass
@@ -141,8 +142,6 @@ def _layer_shape(layer: nn.Module, plan: Plan, hidden: int) -> tuple[LayerShape,
 
 def model_shape(config, model: nn.Module, plan: Plan) -> ModelShape:
     """Sizes of `model` (built on the meta device) and of the LoRA the plan puts on it."""
-    from finetune.modeling import text_config
-
     cfg = text_config(config)
     layers, lora = [], {}
     for layer in decoder_layers(model):
@@ -151,8 +150,6 @@ def model_shape(config, model: nn.Module, plan: Plan) -> ModelShape:
         for k, v in counts.items():
             lora[k] = lora.get(k, 0) + v
     router_full = 0
-    from finetune.lora import find_routers
-
     routers = find_routers(model)
     if plan.router_policy == "lora" and plan.router_lora is not None:
         lora["router"] = sum(plan.router_lora.r * sum(g.weight.shape) for g in routers.values())
