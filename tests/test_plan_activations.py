@@ -1,11 +1,13 @@
 """The planner's activation term against autograd: bytes saved for backward, measured with
 `torch.autograd.graph.saved_tensors_hooks` (tests/plan_measure.py), within 10%.
 
-The terms of finetune/plan/activations.py were read off the autograd graphs of 1- and 2-layer
-random Mixtral configs (hidden 64, 4 experts, batch 2 x 64 tokens, eager and sdpa, fp32 and
-bf16). Held out, so they test it: OLMoE (q/k norm over the whole projection), Qwen2-MoE (shared
-expert with its sigmoid gate), Qwen3-MoE (per-head q/k norm), dense Mistral, and every other
-size below (hidden 96/128, 3 layers, 6-8 experts, top-1/top-2, sequences 40-200, batch 1 or 3).
+The terms of finetune/plan/activations.py were read off the autograd graphs of 1-2 layer random
+Mixtral models (hidden 64, 4 experts, 2 x 64 tokens), then corrected on a 1-layer Mistral and
+layer-count sweeps of Mixtral/Mistral at hidden 96 with 3 x 40 tokens (bench/RESULTS-planner.md).
+Held out, so they test it: OLMoE (q/k norm over the whole projection; never inspected), Qwen2-MoE
+(shared expert with its sigmoid gate), Qwen3-MoE (per-head q/k norm), and the sizes below
+(3 layers, 6 heads, 6 experts, intermediate 160/112, other sequence lengths and batch sizes; the
+Mistral and Mixtral cases differ from the inspected ones in layers, dtype/kernel or tokens).
 """
 
 import pytest
