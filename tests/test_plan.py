@@ -68,3 +68,24 @@ def test_validate_warning_only_with_cuda():
     said = fit_warning(checked, cuda=True, memory=80 * 2**30, world=1)
     assert "will not fit" in said and "FSDP2" not in said.split("Fixes:")[0] and "nf4" in said
     assert fit_warning(checked, cuda=True, memory=141 * 2**30 * 8, world=1) is None
+
+
+def test_dpo_plans_chosen_and_rejected_as_twice_the_rows():
+    from finetune.plan import setup_for, shape_of
+    from finetune.plan.memory import Setup, activation_parts
+
+    checked = check(read_recipe(MIXTRAL))
+    m, s = shape_of(checked), setup_for(checked, 1, 1, False)
+    dpo, doubled = Setup(**{**s.__dict__, "dpo": True}), Setup(**{**s.__dict__, "batch": 2 * s.batch})
+    assert activation_parts(m, dpo) == activation_parts(m, doubled)
+    assert activation_parts(m, dpo)["activations"] > activation_parts(m, s)["activations"]
+
+
+def test_job_time_from_local_rows(capsys):
+    from finetune.data import count_rows
+
+    assert main(["plan", "recipes/tiny-moe/sft.yaml", "--gpu", "h100-80gb", "--json"]) == 0
+    rec = json.loads(capsys.readouterr().out)["recommended"]
+    rows = sum(count_rows(f) for f in read_recipe("recipes/tiny-moe/sft.yaml").data.train)
+    assert rec["steps"] == -(-rows // rec["global_batch"]) * 3  # 3 epochs
+    assert rec["job_hours"] == pytest.approx(rec["steps"] * rec["step_seconds"] / 3600, rel=1e-3)

@@ -129,14 +129,14 @@ def _timing(m, checked, s: memory.Setup, gpu: hardware.Gpu, world: int, global_b
     if s.dpo and not section.get("precompute_ref_log_probs"):
         work += per_token / 2  # the reference model's forward
     step = tokens * work / (world * gpu.bf16_tflops * 1e12 * hardware.ASSUMED_MFU)
-    out = {"step_seconds": round(step, 2), "utilisation": f"{hardware.ASSUMED_MFU:.0%} of bf16 peak, assumed (no GPU figure measured)",
+    out = {"step_seconds": float(f"{step:.4g}"), "utilisation": f"{hardware.ASSUMED_MFU:.0%} of bf16 peak, assumed (no GPU figure measured)",
            "tokens_per_step": tokens, "flops_per_token": per_token}
     steps = section.get("max_steps") if isinstance(section.get("max_steps"), int) and section.get("max_steps") > 0 else None
     if steps is None and rows:
         epochs = _setting(section, "num_train_epochs", checked.stage)
         steps = math.ceil(rows / global_batch) * epochs
     out["steps"] = steps
-    out["job_hours"] = round(steps * step / 3600, 2) if steps else None
+    out["job_hours"] = float(f"{steps * step / 3600:.4g}") if steps else None
     if not steps:
         out["time_note"] = "job time needs the number of training rows (--rows) for a hub data set"
     return out

@@ -39,6 +39,12 @@ def _gib(x) -> str:
     return "-" if x is None else f"{x:.1f}"
 
 
+def _duration(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1000:.3g} ms"
+    return f"{seconds:.3g} s" if seconds < 3600 else f"{seconds / 3600:.3g} h"
+
+
 def text(r: dict) -> str:
     p = r["params"]
     lines = [
@@ -76,8 +82,9 @@ def text(r: dict) -> str:
     big = next(row for row in r["strategies"] if row["strategy"] == rec["strategy"])
     lines.append("  peak of that row at the recipe's micro-batch: " + ", ".join(f"{k} {v:.2f}" for k, v in big["parts_gib"].items()) + " GiB")
     if rec.get("step_seconds") is not None:
-        job = f", job {rec['job_hours']:.1f} h ({rec['steps']} steps)" if rec.get("job_hours") else f" ({rec.get('time_note')})"
-        lines.append(f"  time: {rec['step_seconds']:.1f} s per optimizer step at {rec['utilisation']}{job}")
+        job = (f", job {_duration(rec['job_hours'] * 3600)} ({rec['steps']} steps)" if rec.get("steps")
+               else f" ({rec.get('time_note')})")
+        lines.append(f"  time: {_duration(rec['step_seconds'])} per optimizer step at {rec['utilisation']}{job}")
     else:
         lines.append(f"  time: {rec.get('time_note')}")
     return "\n".join(lines)
