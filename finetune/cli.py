@@ -84,8 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(p)
     p.add_argument("--gpu", help="GPU model (h100-80gb, h200, a100-40gb, a100-80gb, l40s, rtx4090, ...; default h100-80gb)")
     p.add_argument("--gpu-memory", help="memory of one GPU for any other card, e.g. 48GiB")
-    p.add_argument("--gpus", type=int, default=1, help="GPUs per node (default 1)")
-    p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    p.add_argument("--gpus", type=int, help="GPUs per node (default 1, or the --launch config's)")
+    p.add_argument("--nodes", type=int, help="nodes (default 1, or the --launch config's)")
+    p.add_argument("--launch", help="an accelerate config (recipes/accelerate/*.yaml): plan its strategy and process count")
     p.add_argument("--nf4", action="store_true", help="plan a 4-bit base even if the recipe has none")
     p.add_argument("--rows", type=positive_int, help="training rows, for the job time of a hub data set")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -192,9 +193,11 @@ def dispatch(args) -> int:
         print(f"{args.recipe}: OK ({checked.stage}; LoRA on {groups}; router {checked.plan.router_policy})")
         return 0
     if args.command == "plan":
-        from finetune.plan.render import plan_cli
+        from finetune.plan.render import check_args, plan_cli
+        from finetune.validate import check
 
-        return plan_cli(args)
+        gpu = check_args(args)
+        return plan_cli(args, check(read_recipe(args.recipe, args.overrides)), gpu)
     if args.command == "sft":
         from finetune.stages.sft import run_sft
 

@@ -89,3 +89,14 @@ def test_job_time_from_local_rows(capsys):
     rows = sum(count_rows(f) for f in read_recipe("recipes/tiny-moe/sft.yaml").data.train)
     assert rec["steps"] == -(-rows // rec["global_batch"]) * 3  # 3 epochs
     assert rec["job_hours"] == pytest.approx(rec["steps"] * rec["step_seconds"] / 3600, rel=1e-3)
+
+
+def test_launch_config_sets_strategy_and_processes(capsys):
+    assert main(["plan", MIXTRAL, "--launch", "recipes/accelerate/fsdp2.yaml", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["gpus"] == 8 and r["launch"] == {"config": "recipes/accelerate/fsdp2.yaml", "strategy": "FSDP2",
+                                              "fits": True, "largest_micro_batch": r["launch"]["largest_micro_batch"]}
+    assert main(["plan", MIXTRAL, "--launch", "recipes/accelerate/ddp.yaml"]) == 0
+    assert "DDP does not fit at any micro-batch" in capsys.readouterr().out
+    assert main(["plan", MIXTRAL, "--launch", MIXTRAL]) == 2
+    assert "not an accelerate config" in capsys.readouterr().err

@@ -20,6 +20,15 @@ def _rows(recipe) -> int | None:
 def check_args(args) -> hardware.Gpu:
     """The GPU and counts of the command line, before the recipe is read (bad ones exit 2)."""
     gpu = hardware.pick_gpu(args.gpu, args.gpu_memory)
+    args.launched = None
+    if args.launch:
+        from finetune.plan.launch import read_launch
+
+        args.launched, gpus, nodes = read_launch(args.launch)
+        args.gpus = args.gpus if args.gpus is not None else gpus
+        args.nodes = args.nodes if args.nodes is not None else nodes
+    args.gpus = 1 if args.gpus is None else args.gpus
+    args.nodes = 1 if args.nodes is None else args.nodes
     if args.gpus < 1 or args.nodes < 1:
         from finetune.errors import UserError
 
@@ -31,6 +40,10 @@ def plan_cli(args, checked, gpu: hardware.Gpu) -> int:
     """Print the plan of a validated recipe (finetune/cli.py validates it: validate is a sibling layer)."""
     rows = args.rows or _rows(checked.recipe)
     result = plan(checked, gpu, args.gpus, args.nodes, nf4=True if args.nf4 else None, rows=rows)
+    if args.launched:
+        row = next((r for r in result["strategies"] if r["strategy"] == args.launched), None)
+        result["launch"] = {"config": args.launch, "strategy": args.launched,
+                            "fits": bool(row and row["fits"]), "largest_micro_batch": row["largest_micro_batch"] if row else 0}
     print(json.dumps(result, indent=2) if args.json else text(result))
     return 0
 
@@ -66,6 +79,11 @@ def text(r: dict) -> str:
                      f"{row['largest_micro_batch']:>17}  {row['note']}")
     rec = r["recommended"]
     lines.append("")
+    if r.get("launch"):
+        la = r["launch"]
+        verdict = "fits" if la["fits"] else (f"fits at micro-batch {la['largest_micro_batch']}" if la["largest_micro_batch"]
+                                              else "does not fit at any micro-batch")
+        lines.append(f"  --launch {la['config']}: {la['strategy']} {verdict}")
     if rec is None:
         lines.append("  nothing fits at micro-batch 1: use a 4-bit base (model.quantization: nf4), more GPUs, "
                      "gradient checkpointing, or a shorter data.max_length")
