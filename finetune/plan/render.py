@@ -40,6 +40,7 @@ def plan_cli(args, checked, gpu: hardware.Gpu) -> int:
     """Print the plan of a validated recipe (finetune/cli.py validates it: validate is a sibling layer)."""
     rows = args.rows or _rows(checked.recipe)
     result = plan(checked, gpu, args.gpus, args.nodes, nf4=True if args.nf4 else None, rows=rows)
+    result["overrides"] = list(args.overrides)
     if args.launched:
         row = next((r for r in result["strategies"] if r["strategy"] == args.launched), None)
         result["launch"] = {"config": args.launch, "strategy": args.launched,
@@ -93,7 +94,8 @@ def text(r: dict) -> str:
               if rec["config"] else "finetune")
     lines.append(f"  use: {rec['strategy']}, micro-batch {rec['micro_batch']}, gradient accumulation "
                  f"{rec['gradient_accumulation']} (global batch {rec['global_batch']})")
-    lines.append(f"       {launch} {r['stage']} {r['recipe']} --set {r['stage']}.per_device_train_batch_size={rec['micro_batch']} "
+    given = "".join(f" --set {o}" for o in r.get("overrides", []))
+    lines.append(f"       {launch} {r['stage']} {r['recipe']}{given} --set {r['stage']}.per_device_train_batch_size={rec['micro_batch']} "
                  f"--set {r['stage']}.gradient_accumulation_steps={rec['gradient_accumulation']}")
     if rec["strategy"] == "ZeRO-3 + offload" and not r["nf4"]:
         lines.append(f"  or:  a 4-bit base on one GPU (model.quantization: nf4): finetune plan {r['recipe']} --nf4")
