@@ -1,6 +1,7 @@
-"""The `finetune` command: validate, sft, dpo, export, eval, routing.
+"""The `finetune` command: validate, plan, sft, dpo, export, eval, routing.
 
     finetune validate recipes/tiny-moe/sft.yaml
+    finetune plan recipes/mixtral-8x7b/sft.yaml --gpu h100-80gb --gpus 8
     finetune sft recipes/tiny-moe/sft.yaml
     finetune dpo recipes/tiny-moe/dpo.yaml
     finetune export runs/tiny-moe/dpo --output exports/tiny-moe-instruct
@@ -41,9 +42,7 @@ def positive_int(text: str) -> int:
 def shard_size(text: str) -> int | str:
     """argparse type for --max-shard-size, parsed the way transformers' save_pretrained will parse it,
     so a bad size fails before the merge instead of after it. Bare digits are bytes."""
-    from transformers.utils.hub import (
-        convert_file_size_to_int,  # transformers on use only: `finetune --help` stays fast
-    )
+    from transformers.utils.hub import convert_file_size_to_int  # transformers on use only: `finetune --help` stays fast
 
     value: int | str = int(text) if text.isdigit() else text
     try:
@@ -83,6 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="replace a finished run at output_dir (only a run of this project; it stays intact until the new one has finished)")
         p.add_argument("--resume", action="store_true",
                        help="continue an interrupted run from its newest complete checkpoint (<parent>/.<name>.incomplete/)")
+
+    p = sub.add_parser("plan", help="will a recipe fit: memory per GPU and strategy, micro-batch, launch config, time (no weights)")
+    _add_recipe_args(p)
+    p.add_argument("--gpu", help="GPU model (h100-80gb, h200, a100-40gb, a100-80gb, l40s, rtx4090, ...; default h100-80gb)")
+    p.add_argument("--gpu-memory", help="memory of one GPU for any other card, e.g. 48GiB")
+    p.add_argument("--gpus", type=int, help="GPUs per node (default 1, or the --launch config's)")
+    p.add_argument("--nodes", type=int, help="nodes (default 1, or the --launch config's)")
+    p.add_argument("--launch", help="an accelerate config (recipes/accelerate/*.yaml): plan its strategy and process count")
+    p.add_argument("--nf4", action="store_true", help="plan a 4-bit base even if the recipe has none")
+    p.add_argument("--rows", type=positive_int, help="training rows, for the job time of a hub data set")
+    p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("export", help="merge a run's adapter chain into a standalone checkpoint")
     p.add_argument("run", help="run directory (SFT or DPO)")
@@ -172,61 +182,54 @@ def check_output_path(path: str, flag: str, directory: bool) -> None:
 
 
 def dispatch(args) -> int:
-    from finetune.recipe import (
-        read_recipe,  # each command imports its own layers: `finetune --help` loads no torch
-    )
+    from finetune.recipe import read_recipe  # each command imports its own layers: `finetune --help` loads no torch
 
     if args.command == "validate":
-        from finetune.validate import (
-            check,  # torch/transformers load only for the command that needs them
-        )
+        from finetune.plan.warn import fit_warning  # torch/transformers load only for the command that needs them
+        from finetune.validate import check
 
         checked = check(read_recipe(args.recipe, args.overrides))
+        if warning := fit_warning(checked):
+            print(warning, file=sys.stderr)
         groups = ", ".join(f"{k} ({', '.join(g.targets)}; r={g.r})" for k, g in checked.targets.groups.items())
         print(f"{args.recipe}: OK ({checked.stage}; LoRA on {groups}; router {checked.targets.router_policy})")
         return 0
+    if args.command == "plan":
+        from finetune.plan.render import check_args, plan_cli  # torch loads only for the command that needs it
+        from finetune.validate import check
+
+        gpu = check_args(args)
+        return plan_cli(args, check(read_recipe(args.recipe, args.overrides)), gpu)
     if args.command == "sft":
-        from finetune.stages.sft import (
-            run_sft,  # torch/trl load only for the command that needs them
-        )
+        from finetune.stages.sft import run_sft  # torch/trl load only for the command that needs them
 
         run_sft(read_recipe(args.recipe, args.overrides), overwrite=args.overwrite, resume=args.resume)
         return 0
     if args.command == "dpo":
-        from finetune.stages.dpo import (
-            run_dpo,  # torch/trl load only for the command that needs them
-        )
+        from finetune.stages.dpo import run_dpo  # torch/trl load only for the command that needs them
 
         run_dpo(read_recipe(args.recipe, args.overrides), overwrite=args.overwrite, resume=args.resume)
         return 0
     if args.command == "export":
-        from finetune.export import (
-            export,  # torch/peft load only for the command that needs them
-        )
+        from finetune.export import export  # torch/peft load only for the command that needs them
 
         export(args.run, args.output, dtype=args.dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
                forward_check=args.forward_check)
         return 0
     if args.command == "eval":
-        from finetune.eval.scores import (
-            evaluate_cli,  # torch loads only for the command that needs it
-        )
+        from finetune.eval.scores import evaluate_cli  # torch loads only for the command that needs it
 
         if args.output:
             check_output_path(args.output, "--output", directory=False)
         return evaluate_cli(args)
     if args.command == "pipeline":
-        from finetune.pipeline import (
-            run_pipeline,  # torch/trl load only for the command that needs them
-        )
+        from finetune.pipeline import run_pipeline  # torch/trl load only for the command that needs them
 
         run_pipeline(args.recipes, args.eval_data, args.export_dir, args.export_dtype, args.overrides, args.overwrite,
                      with_passkey=not args.no_passkey, resume=args.resume)
         return 0
     if args.command == "routing":
-        from finetune.routing.cli import (
-            routing_cli,  # torch/matplotlib load only for the command that needs them
-        )
+        from finetune.routing.cli import routing_cli  # torch/matplotlib load only for the command that needs them
 
         check_output_path(args.output, "--output", directory=True)
         return routing_cli(args)
