@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="logit check on the whole model, or on its first/middle/last decoder layers "
                         "(auto: whole model when it fits in half the available memory twice over)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output directory")
+    p.add_argument("--push-to-hub", metavar="ORG/NAME", help="after the export is verified, upload it to this hub model repo")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
 
     p = sub.add_parser("eval", help="loss, exact match, preference accuracy, passkey retrieval, perplexity by context")
     p.add_argument("model", help="base model (directory or hub id), run directory, or exported checkpoint")
@@ -188,9 +190,16 @@ def dispatch(args) -> int:
         return 0
     if args.command == "export":
         from finetune.export import export
+        from finetune.export.push import check_push, push_export
 
-        export(args.run, args.output, dtype=args.dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
-               forward_check=args.forward_check)
+        if args.private and not args.push_to_hub:
+            raise UserError("--private applies to --push-to-hub ORG/NAME; add it or drop --private")
+        token = check_push(args.push_to_hub) if args.push_to_hub else None  # before any work
+        out = export(args.run, args.output, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                     overwrite=args.overwrite, forward_check=args.forward_check)
+        if args.push_to_hub:
+            url = push_export(out, args.push_to_hub, private=args.private, token=token)
+            print(f"pushed {out} -> {url}" + (" (private)" if args.private else ""))
         return 0
     if args.command == "eval":
         from finetune.eval.scores import evaluate_cli
