@@ -87,13 +87,13 @@ def render_html(view: dict, title: str) -> str:
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         f"<title>{html.escape(title)}</title>",
-        "<style>body{font-family:sans-serif;max-width:70em;margin:2em auto;line-height:2}"
-        ".text{font-family:monospace;white-space:pre-wrap;margin:.3em 0 1em}"
-        ".tok{padding:.15em .05em;border-right:1px solid #fff;color:#111}"
-        "h2{margin-top:1.5em}.src{color:#555;font-size:.9em}</style></head><body>",
+        ("<style>body{font-family:sans-serif;max-width:70em;margin:2em auto;line-height:2}"
+         ".text{font-family:monospace;white-space:pre-wrap;margin:.3em 0 1em}"
+         ".tok{padding:.15em .05em;border-right:1px solid #fff;color:#111}"
+         "h2{margin-top:1.5em}.src{color:#555;font-size:.9em}</style></head><body>"),
         f"<h1>{html.escape(title)}</h1>",
-        "<p>Each token's background is the expert its router ranked first (top-1), in the first, a middle "
-        "and the last MoE layer, as in the Mixtral paper's Figure 8. Hover a token for its id and expert.</p>",
+        ("<p>Each token's background is the expert its router ranked first (top-1), in the first, a middle "
+         "and the last MoE layer, as in the Mixtral paper's Figure 8. Hover a token for its id and expert.</p>"),
         f'<p class="legend">{legend}</p>',
     ]
     for layer in view["layers"]:
@@ -114,7 +114,9 @@ def render_html(view: dict, title: str) -> str:
 
 def write_png(view: dict, path: Path, title: str, per_line: int = 16) -> None:
     """The same view as a picture: one panel per picked layer, tokens as coloured cells in rows of `per_line`."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # heavy: only when a PNG is asked for
+    from matplotlib.backends.backend_agg import (
+        FigureCanvasAgg,  # heavy: only when a PNG is asked for
+    )
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
