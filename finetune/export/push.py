@@ -26,9 +26,8 @@ REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 
 def check_repo_id(repo_id: str) -> str:
     """repo_id if it is ORG/NAME as the hub accepts it, else a UserError saying what is wrong."""
-    from huggingface_hub.errors import (
-        HFValidationError,  # optional at import time: keeps `finetune --help` fast
-    )
+    # imported here, not at the top: keeps `finetune --help` and `validate` fast
+    from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
     problem = None
