@@ -3,7 +3,7 @@
     finetune validate recipes/tiny-moe/sft.yaml
     finetune sft recipes/tiny-moe/sft.yaml
     finetune dpo recipes/tiny-moe/dpo.yaml
-    finetune export runs/tiny-moe/dpo --output exports/tiny-moe-instruct
+    finetune export runs/tiny-moe/dpo --output exports/tiny-moe-instruct [--push-to-hub ORG/NAME [--private]]
     finetune eval exports/tiny-moe-instruct --data data/tiny-tasks/test.jsonl
     finetune eval runs/tiny-moe/sft --passkey --lengths 128,256,496 --long-ppl data/tiny-tasks/corpus.txt
     finetune pipeline recipes/tiny-moe --eval-data data/tiny-tasks/test.jsonl
