@@ -4,7 +4,7 @@
     finetune plan recipes/mixtral-8x7b/sft.yaml --gpu h100-80gb --gpus 8
     finetune sft recipes/tiny-moe/sft.yaml
     finetune dpo recipes/tiny-moe/dpo.yaml
-    finetune export runs/tiny-moe/dpo --output exports/tiny-moe-instruct
+    finetune export runs/tiny-moe/dpo --output exports/tiny-moe-instruct [--push-to-hub ORG/NAME [--private]]
     finetune eval exports/tiny-moe-instruct --data data/tiny-tasks/test.jsonl
     finetune eval runs/tiny-moe/sft --passkey --lengths 128,256,496 --long-ppl data/tiny-tasks/corpus.txt
     finetune pipeline recipes/tiny-moe --eval-data data/tiny-tasks/test.jsonl
@@ -42,7 +42,9 @@ def positive_int(text: str) -> int:
 def shard_size(text: str) -> int | str:
     """argparse type for --max-shard-size, parsed the way transformers' save_pretrained will parse it,
     so a bad size fails before the merge instead of after it. Bare digits are bytes."""
-    from transformers.utils.hub import convert_file_size_to_int  # transformers on use only: `finetune --help` stays fast
+    from transformers.utils.hub import (
+        convert_file_size_to_int,  # transformers on use only: `finetune --help` stays fast
+    )
 
     value: int | str = int(text) if text.isdigit() else text
     try:
@@ -103,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="logit check on the whole model, or on its first/middle/last decoder layers "
                         "(auto: whole model when it fits in half the available memory twice over)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output directory")
+    p.add_argument("--push-to-hub", metavar="ORG/NAME", help="after the export is verified, upload it to this hub model repo")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
 
     p = sub.add_parser("eval", help="loss, exact match, preference accuracy, passkey retrieval, perplexity by context")
     p.add_argument("model", help="base model (directory or hub id), run directory, or exported checkpoint")
@@ -182,10 +186,14 @@ def check_output_path(path: str, flag: str, directory: bool) -> None:
 
 
 def dispatch(args) -> int:
-    from finetune.recipe import read_recipe  # each command imports its own layers: `finetune --help` loads no torch
+    from finetune.recipe import (
+        read_recipe,  # each command imports its own layers: `finetune --help` loads no torch
+    )
 
     if args.command == "validate":
-        from finetune.plan.warn import fit_warning  # torch/transformers load only for the command that needs them
+        from finetune.plan.warn import (
+            fit_warning,  # torch/transformers load only for the command that needs them
+        )
         from finetune.validate import check
 
         checked = check(read_recipe(args.recipe, args.overrides))
@@ -195,41 +203,63 @@ def dispatch(args) -> int:
         print(f"{args.recipe}: OK ({checked.stage}; LoRA on {groups}; router {checked.targets.router_policy})")
         return 0
     if args.command == "plan":
-        from finetune.plan.render import check_args, plan_cli  # torch loads only for the command that needs it
+        from finetune.plan.render import (  # torch loads only for the command that needs it
+            check_args,
+            plan_cli,
+        )
         from finetune.validate import check
 
         gpu = check_args(args)
         return plan_cli(args, check(read_recipe(args.recipe, args.overrides)), gpu)
     if args.command == "sft":
-        from finetune.stages.sft import run_sft  # torch/trl load only for the command that needs them
+        from finetune.stages.sft import (
+            run_sft,  # torch/trl load only for the command that needs them
+        )
 
         run_sft(read_recipe(args.recipe, args.overrides), overwrite=args.overwrite, resume=args.resume)
         return 0
     if args.command == "dpo":
-        from finetune.stages.dpo import run_dpo  # torch/trl load only for the command that needs them
+        from finetune.stages.dpo import (
+            run_dpo,  # torch/trl load only for the command that needs them
+        )
 
         run_dpo(read_recipe(args.recipe, args.overrides), overwrite=args.overwrite, resume=args.resume)
         return 0
     if args.command == "export":
-        from finetune.export import export  # torch/peft load only for the command that needs them
+        from finetune.export import (
+            export,  # torch/peft load only for the command that needs them
+        )
+        from finetune.export.push import check_push, push_export
 
-        export(args.run, args.output, dtype=args.dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
-               forward_check=args.forward_check)
+        if args.private and not args.push_to_hub:
+            raise UserError("--private applies to --push-to-hub ORG/NAME; add it or drop --private")
+        token = check_push(args.push_to_hub) if args.push_to_hub else None  # before any work
+        out = export(args.run, args.output, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                     overwrite=args.overwrite, forward_check=args.forward_check)
+        if args.push_to_hub:
+            url = push_export(out, args.push_to_hub, private=args.private, token=token)
+            print(f"pushed {out} -> {url}" + (" (private)" if args.private else ""))
         return 0
     if args.command == "eval":
-        from finetune.eval.scores import evaluate_cli  # torch loads only for the command that needs it
+        from finetune.eval.scores import (
+            evaluate_cli,  # torch loads only for the command that needs it
+        )
 
         if args.output:
             check_output_path(args.output, "--output", directory=False)
         return evaluate_cli(args)
     if args.command == "pipeline":
-        from finetune.pipeline import run_pipeline  # torch/trl load only for the command that needs them
+        from finetune.pipeline import (
+            run_pipeline,  # torch/trl load only for the command that needs them
+        )
 
         run_pipeline(args.recipes, args.eval_data, args.export_dir, args.export_dtype, args.overrides, args.overwrite,
                      with_passkey=not args.no_passkey, resume=args.resume)
         return 0
     if args.command == "routing":
-        from finetune.routing.cli import routing_cli  # torch/matplotlib load only for the command that needs them
+        from finetune.routing.cli import (
+            routing_cli,  # torch/matplotlib load only for the command that needs them
+        )
 
         check_output_path(args.output, "--output", directory=True)
         return routing_cli(args)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from finetune.load.chain import load_for_inference
 from finetune.routing.report import load_sources, routing_report
+from finetune.routing.tokens import write_token_view
 
 
 def routing_cli(args) -> int:
@@ -22,7 +23,9 @@ def routing_cli(args) -> int:
     routing_report(model, tokenizer, sources, args.output, compare=compare, max_length=args.max_length,
                    batch_size=args.batch_size, plots=not args.no_plots)
     out = Path(args.output)
+    write_token_view(model, tokenizer, sources, out, max_length=args.max_length, png=not args.no_plots,
+                     title=f"Top-1 expert per token: {args.model}")
     print(f"routing report for {args.model}" + (f" vs {args.compare}" if args.compare else "") + f": {out}/routing.md")
-    for png in sorted(out.glob("*.png")):
-        print(f"  {png}")
+    for extra in sorted([*out.glob("*.png"), out / "tokens.html"]):
+        print(f"  {extra}")
     return 0

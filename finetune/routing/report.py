@@ -32,7 +32,7 @@ __all__ = ["routing_report", "load_sources"]
 log = logging.getLogger(__name__)
 
 
-class _Runner:
+class RoutingRunner:
     """One model with its tokenizer and a full-mode capture: texts -> (input ids, Routing)."""
 
     def __init__(self, model, tokenizer, max_length: int):
@@ -206,11 +206,11 @@ def routing_report(
     if not sources:
         raise ValueError("routing_report needs at least one source with text")
     try:
-        main = _Runner(model, tokenizer, max_length)
+        main = RoutingRunner(model, tokenizer, max_length)
     except ValueError as err:  # a dense model: nothing to report
         raise UserError(str(err)) from None
     try:
-        other = _Runner(compare[0], compare[1] or tokenizer, max_length) if compare else None
+        other = RoutingRunner(compare[0], compare[1] or tokenizer, max_length) if compare else None
     except ValueError as err:
         main.close()
         raise UserError(f"--compare: {err}") from None

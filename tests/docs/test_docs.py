@@ -52,7 +52,10 @@ def blocks(page: Path) -> list[tuple[str, list[str]]]:
 
 def finetune_argv(line: str) -> list[str] | None:
     """The arguments after `finetune` / `python -m finetune` / `accelerate launch ... -m finetune`, or None."""
-    words = shlex.split(line, comments=True)
+    try:
+        words = shlex.split(line, comments=True)
+    except ValueError:  # a line inside a quoted multi-line argument (curl -d '{...}'): plain words
+        words = line.split("#")[0].split()
     for i, word in enumerate(words):
         if word == "finetune" or word.endswith("/finetune"):
             if i == 0 or (i > 0 and words[i - 1] == "-m"):
