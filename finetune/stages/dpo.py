@@ -20,7 +20,7 @@ from pathlib import Path
 
 from finetune import chain, distributed, modeling, runs
 from finetune.runs import staging
-from finetune.data import build_datasets
+from finetune.dataprep import build_datasets, wants_eval
 from finetune.guards import NonFiniteGuard
 from finetune.lora import lora_config
 from finetune.recipe import ModelSection, Recipe
@@ -32,8 +32,9 @@ log = logging.getLogger("finetune")
 def prepare_inputs(recipe: Recipe, aux_coef: float, parent: runs.Run):
     """Tokenizer, data sets and trainer settings: every check on the inputs, before any disk change."""
     tokenizer = modeling.load_tokenizer(ModelSection(**{**recipe.model.__dict__, "name_or_path": str(parent.path)}))
-    train, eval_ds, report = build_datasets(recipe.data, tokenizer, "preference", recipe.seed)
-    args = common.trainer_args(recipe, "dpo", staging.staging_for(recipe), aux_coef, eval_ds is not None)
+    # trainer settings first: they set up the launch, and then only the main process prepares the data
+    args = common.trainer_args(recipe, "dpo", staging.staging_for(recipe), aux_coef, wants_eval(recipe.data))
+    train, eval_ds, report = build_datasets(recipe.data, tokenizer, "preference", recipe.seed, args.dataset_num_proc)
     return tokenizer, train, eval_ds, report, args
 
 

@@ -14,7 +14,7 @@ import logging
 
 from finetune import distributed, modeling
 from finetune.runs import staging
-from finetune.data import build_datasets
+from finetune.dataprep import build_datasets, wants_eval
 from finetune.guards import NonFiniteGuard
 from finetune.lora import lora_config
 from finetune.recipe import Recipe
@@ -30,8 +30,9 @@ def run_sft(recipe: Recipe, overwrite: bool = False, callbacks=(), resume: bool 
     aux_coef = recipe.router.aux_loss_coef  # the resolved recipe records the number actually used
 
     tokenizer = modeling.load_tokenizer(recipe.model)
-    train, eval_ds, report = build_datasets(recipe.data, tokenizer, "sft", recipe.seed)
-    args = common.trainer_args(recipe, "sft", staging.staging_for(recipe), aux_coef, eval_ds is not None)
+    # trainer settings first: they set up the launch, and then only the main process prepares the data
+    args = common.trainer_args(recipe, "sft", staging.staging_for(recipe), aux_coef, wants_eval(recipe.data))
+    train, eval_ds, report = build_datasets(recipe.data, tokenizer, "sft", recipe.seed, args.dataset_num_proc)
     rundir = staging.plan(recipe, overwrite, resume)
 
     # under FSDP2 with cpu_ram_efficient_loading only rank 0 reads the weights (finetune/distributed.py)
