@@ -17,19 +17,57 @@ from datasets import Dataset
 
 import finetune
 from finetune import datacache, dataprep
-from finetune.data import CONVERTERS, Report, RowError, convert_row, read_rows
+from finetune.data import CONVERTERS, Report, RowError, _render, convert_row, read_rows, sft_messages
 from finetune.dataprep import build_datasets, key_parts
 from finetune.errors import Problem, UserError
 from finetune.modeling import load_tokenizer
 from finetune.recipe import DataSection, ModelSection
 
 
+def old_tokenize_sft(tokenizer, item, assistant_only: bool) -> dict:
+    """finetune/data.py tokenize_sft and assistant_spans at 9873a02, verbatim but for names: every
+    prefix rendered, the tokenizer called per row, the mask computed token by token in Python."""
+    if isinstance(item, tuple):
+        prompt, completion = item
+        text = (tokenizer.bos_token or "") + prompt + completion + tokenizer.eos_token
+        spans = [(len(tokenizer.bos_token or "") + len(prompt), len(text))]
+    else:
+        text, spans = _render(tokenizer, item), []
+        for i, m in enumerate(item):
+            if m["role"] != "assistant":
+                continue
+            before = _render(tokenizer, item[:i], add_generation_prompt=True)
+            if not text.startswith(before):
+                before = _render(tokenizer, item[:i])
+            through = _render(tokenizer, item[: i + 1])
+            assert text.startswith(before) and text.startswith(through)
+            spans.append((len(before), len(through)))
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    out = {"input_ids": enc["input_ids"]}
+    if assistant_only:
+        mask = [int(any(s < end and e > start for start, end in spans)) for s, e in enc["offset_mapping"]]
+        if not any(mask):
+            raise RowError("no assistant token left to train on")
+        out["assistant_masks"] = mask
+    return out
+
+
+def old_sft_converter(tokenizer, section):
+    def convert(value):
+        encoded = old_tokenize_sft(tokenizer, sft_messages(value), section.assistant_only_loss)
+        if len(encoded["input_ids"]) > section.max_length:
+            raise RowError(f"{len(encoded['input_ids'])} tokens, longer than data.max_length={section.max_length}")
+        return encoded
+
+    return convert
+
+
 def old_build(section: DataSection, tokenizer, kind: str, seed: int):
     """The in-memory path that finetune/dataprep.py replaced (finetune/data.py build_datasets at
-    9873a02: read every row into a list, convert one by one, Dataset.from_list), over the same row
-    functions: the reference the new path must equal."""
+    9873a02: read every row into a list, convert one by one, Dataset.from_list), with its SFT
+    tokenization (above) and the unchanged preference row check: the reference the new path must equal."""
     report = Report()
-    convert = CONVERTERS[kind](tokenizer, section)
+    convert = old_sft_converter(tokenizer, section) if kind == "sft" else CONVERTERS[kind](tokenizer, section)
 
     def make(sources):
         out = []

@@ -60,7 +60,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, tiny_mixtral, s
 
     resumed = run_sft(make(tmp_path, tiny_mixtral, sft_file, "cut"), resume=True)
     # a second run of the same data and the resumed run load the prepared data from the cache
-    prepared = [r.getMessage().split(",")[1].strip() for r in caplog.records if "rows tokenized here" in r.getMessage()]
+    prepared = [r.getMessage().split(",")[1].split("(")[0].strip() for r in caplog.records if "rows tokenized here" in r.getMessage()]
     assert prepared[1:] == ["cache hit", "cache hit"], prepared
     assert (resumed / "adapter_model.safetensors").read_bytes() == (whole / "adapter_model.safetensors").read_bytes()
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (whole, resumed))
