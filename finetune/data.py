@@ -230,7 +230,7 @@ def preference_row(value: dict, tokenizer, max_length: int) -> dict:
         out = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
     if out["chosen"] == out["rejected"]:
         raise RowError("chosen equals rejected: the pair teaches nothing")
-    longest = max(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    longest = max(len(_encode(tokenizer, t)[0]) for t in texts)
     if longest > max_length:
         raise RowError(f"{longest} tokens, longer than data.max_length={max_length}")
     return out

@@ -18,12 +18,15 @@ entry whose manifest is missing or whose files differ from it (truncated, edited
 removed and prepared again, never used. TRL's own dataset.map caches land beside the files
 (cache-*.arrow, named by the entry's fingerprints): they are not in the manifest and not checked.
 
-Sits with data/datafiles (imports datafiles); torch and accelerate are imported inside
-main_first, which only runs under a launcher.
+Sits with data/datafiles (imports datafiles, errors). Under a launcher the ranks that wait for
+the main process's preparation wait at a barrier, whose timeout is the trainer's `ddp_timeout`
+(30 minutes by default): prepare a larger data set once beforehand (one process, same recipe), or
+raise `sft.ddp_timeout`.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -34,6 +37,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from finetune.datafiles import hash_file
+from finetune.errors import UserError
 
 log = logging.getLogger("finetune")
 
@@ -130,17 +134,21 @@ def _sweep(base: Path) -> None:
 
 @contextmanager
 def building(key_: str):
-    """A fresh temporary folder for the entry; removed if the body raises."""
+    """A fresh temporary folder for the entry; removed if the body raises. A cache folder that
+    cannot be written (no permission, read-only, full) is a user error naming it."""
     base = root()
-    base.mkdir(parents=True, exist_ok=True)
-    _sweep(base)
     tmp = base / f".tmp-{key_}-{socket.gethostname()}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
-        yield tmp
-    except BaseException:
+        base.mkdir(parents=True, exist_ok=True)
+        _sweep(base)
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        yield tmp
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT):
+            raise UserError(f"cannot write the prepared data to {base} ({exc.strerror}); free space there, or set "
+                            "FINETUNE_CACHE to a writable folder with room for the tokenized data") from None
         raise
 
 

@@ -4,6 +4,7 @@ in-memory path it replaced; a key that moves with every input; hits byte-equal; 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import shutil
@@ -215,8 +216,8 @@ def test_interrupted_preparation_leaves_no_entry_and_is_cleaned_up(tmp_path, tok
     path = write_jsonl(tmp_path / "sft.jsonl", make_rows(20))
     section = DataSection(train=[str(path)], max_length=64)
     key = datacache.key(key_parts(section, tokenizer, "sft", 0))
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    tmp = datacache.root() / f".tmp-{key}-{socket.gethostname()}-{dead.stdout.strip()}"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout
+    tmp = datacache.root() / f".tmp-{key}-{socket.gethostname()}-{dead.strip()}"
     (tmp / "work").mkdir(parents=True)
     (tmp / "work" / "train-converted.arrow").write_bytes(b"partial")
     assert datacache.lookup(key) is None
@@ -242,8 +243,7 @@ def test_every_input_changes_the_key(tmp_path, tokenizer, monkeypatch):
         return datacache.key(key_parts(section, tok, kind, seed))
 
     keys = {"base": key()}
-    moved = shutil.copy(train, tmp_path / "moved.jsonl")
-    keys["path"] = key(dataclasses.replace(base, train=[str(moved)]))
+    keys["path"] = key(dataclasses.replace(base, train=[str(shutil.copy(train, tmp_path / "moved.jsonl"))]))
     edited = write_jsonl(tmp_path / "edited.jsonl", rows[:-1] + [make_rows(1, seed=9)[0]])
     keys["content"] = key(dataclasses.replace(base, train=[str(edited)]))
     keys["eval files"] = key(dataclasses.replace(base, eval=[str(train)]))
@@ -274,9 +274,8 @@ def test_every_input_changes_the_key(tmp_path, tokenizer, monkeypatch):
     monkeypatch.setattr(dataprep.metadata, "version", lambda p: "0.0.0" if p == "datasets" else real(p))
     keys["datasets version"] = key()
     monkeypatch.undo()
-    code = tmp_path / "dataprep.py"
-    code.write_bytes(open(dataprep.__file__, "rb").read() + b"\n# changed\n")
-    monkeypatch.setattr(dataprep, "__file__", str(code))
+    (tmp_path / "dataprep.py").write_bytes(open(dataprep.__file__, "rb").read() + b"\n# changed\n")
+    monkeypatch.setattr(dataprep, "__file__", str(tmp_path / "dataprep.py"))
     keys["code"] = key()
     monkeypatch.undo()
     assert key() == keys["base"]
@@ -289,3 +288,16 @@ def test_cache_location(monkeypatch, tmp_path):
     monkeypatch.delenv("FINETUNE_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert datacache.root() == tmp_path / "xdg" / "finetune" / "data"
+
+
+def test_full_cache_disk_is_a_user_error_and_leaves_nothing(tmp_path, tokenizer, monkeypatch):
+    path = write_jsonl(tmp_path / "sft.jsonl", make_rows(6))
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(datacache, "publish", full)
+    with pytest.raises(UserError, match=r"cannot write the prepared data to .*cache \(No space left on device\).*FINETUNE_CACHE"):
+        build_datasets(DataSection(train=[str(path)], max_length=64), tokenizer, "sft", 0)
+    assert list((tmp_path / "cache").iterdir()) == []
