@@ -42,9 +42,7 @@ def positive_int(text: str) -> int:
 def shard_size(text: str) -> int | str:
     """argparse type for --max-shard-size, parsed the way transformers' save_pretrained will parse it,
     so a bad size fails before the merge instead of after it. Bare digits are bytes."""
-    from transformers.utils.hub import (
-        convert_file_size_to_int,  # transformers on use only: `finetune --help` stays fast
-    )
+    from transformers.utils.hub import convert_file_size_to_int  # transformers on use only: `finetune --help` stays fast
 
     value: int | str = int(text) if text.isdigit() else text
     try:
@@ -186,15 +184,11 @@ def check_output_path(path: str, flag: str, directory: bool) -> None:
 
 
 def dispatch(args) -> int:
-    from finetune.recipe import (
-        read_recipe,  # each command imports its own layers: `finetune --help` loads no torch
-    )
+    from finetune.recipe import read_recipe  # each command imports its own layers: `finetune --help` loads no torch
 
     if args.command == "validate":
-        from finetune.plan.warn import (
-            fit_warning,  # torch/transformers load only for the command that needs them
-        )
-        from finetune.validate import check
+        from finetune.plan.warn import fit_warning  # torch/transformers load only for the command that needs them
+        from finetune.validate import check  # (as above)
 
         checked = check(read_recipe(args.recipe, args.overrides))
         if warning := fit_warning(checked):
@@ -207,29 +201,23 @@ def dispatch(args) -> int:
             check_args,
             plan_cli,
         )
-        from finetune.validate import check
+        from finetune.validate import check  # (as above)
 
         gpu = check_args(args)
         return plan_cli(args, check(read_recipe(args.recipe, args.overrides)), gpu)
     if args.command == "sft":
-        from finetune.stages.sft import (
-            run_sft,  # torch/trl load only for the command that needs them
-        )
+        from finetune.stages.sft import run_sft  # torch/trl load only for the command that needs them
 
         run_sft(read_recipe(args.recipe, args.overrides), overwrite=args.overwrite, resume=args.resume)
         return 0
     if args.command == "dpo":
-        from finetune.stages.dpo import (
-            run_dpo,  # torch/trl load only for the command that needs them
-        )
+        from finetune.stages.dpo import run_dpo  # torch/trl load only for the command that needs them
 
         run_dpo(read_recipe(args.recipe, args.overrides), overwrite=args.overwrite, resume=args.resume)
         return 0
     if args.command == "export":
-        from finetune.export import (
-            export,  # torch/peft load only for the command that needs them
-        )
-        from finetune.export.push import check_push, push_export
+        from finetune.export import export  # torch/peft load only for the command that needs them
+        from finetune.export.push import check_push, push_export  # (as above)
 
         if args.private and not args.push_to_hub:
             raise UserError("--private applies to --push-to-hub ORG/NAME; add it or drop --private")
@@ -241,25 +229,19 @@ def dispatch(args) -> int:
             print(f"pushed {out} -> {url}" + (" (private)" if args.private else ""))
         return 0
     if args.command == "eval":
-        from finetune.eval.scores import (
-            evaluate_cli,  # torch loads only for the command that needs it
-        )
+        from finetune.eval.scores import evaluate_cli  # torch loads only for the command that needs it
 
         if args.output:
             check_output_path(args.output, "--output", directory=False)
         return evaluate_cli(args)
     if args.command == "pipeline":
-        from finetune.pipeline import (
-            run_pipeline,  # torch/trl load only for the command that needs them
-        )
+        from finetune.pipeline import run_pipeline  # torch/trl load only for the command that needs them
 
         run_pipeline(args.recipes, args.eval_data, args.export_dir, args.export_dtype, args.overrides, args.overwrite,
                      with_passkey=not args.no_passkey, resume=args.resume)
         return 0
     if args.command == "routing":
-        from finetune.routing.cli import (
-            routing_cli,  # torch/matplotlib load only for the command that needs them
-        )
+        from finetune.routing.cli import routing_cli  # torch/matplotlib load only for the command that needs them
 
         check_output_path(args.output, "--output", directory=True)
         return routing_cli(args)

@@ -1,8 +1,10 @@
 """Data files: read the rows of a local .jsonl/.json/.parquet file or a hub data set, numbered.
 
 Unreadable files are user errors naming the file (and the line and byte offset of a bad UTF-8
-byte); finetune/data.py checks and shapes the rows. `count_rows` counts a local file's rows
-cheaply for `finetune validate`.
+byte); finetune/data.py checks and shapes the rows. `iter_source` streams a source's rows as
+JSON text for the datasets-based preparation (finetune/dataprep.py), `fingerprint` identifies
+its content for the data cache, `read_rows` reads a small file whole (evaluation, routing), and
+`count_rows` counts a local file's rows cheaply for `finetune validate`.
 
     finetune validate recipes/tiny-moe/sft.yaml     # counts rows when data.eval_split is set
     finetune sft recipes/tiny-moe/sft.yaml          # reads every row
@@ -11,6 +13,7 @@ cheaply for `finetune validate`.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,49 +77,137 @@ def count_rows(source: str) -> int | None:
 
 
 def read_rows(source: str) -> list[Row]:
-    """All rows of a local .jsonl/.json/.parquet file, or of a hub data set `name[:split]`."""
-    path = Path(source)
-    if path.suffix in LOCAL_SUFFIXES:
-        if not path.is_file():
-            raise UserError(f"data file not found: {source} (relative paths are read from {Path.cwd()})")
-        if path.suffix == ".jsonl":
-            rows = []
-            for i, line in enumerate(_read_text(path, source).splitlines(), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(Row(source, i, json.loads(line)))
-                except json.JSONDecodeError as exc:
-                    raise UserError(f"{source}:{i}: not valid JSON ({exc.msg}, column {exc.colno})") from None
-            return rows
-        if path.suffix == ".json":
-            try:
-                data = json.loads(_read_text(path, source))
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{source}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
-            if not isinstance(data, list):
-                raise UserError(f"{source}: expected a JSON list of rows, got {type(data).__name__}")
-            return [Row(source, i, r) for i, r in enumerate(data, start=1)]
-        parquet = _open_parquet(path, source)
+    """All rows of a local .jsonl/.json/.parquet file, or of a hub data set `name[:split]`, in memory
+    (evaluation and routing read small files this way; training streams them, finetune/dataprep.py)."""
+    rows = []
+    texts = list(iter_source(source))  # a bad UTF-8 byte anywhere is reported before a JSON error
+    for number, text in texts:
         try:
-            table = parquet.read().to_pylist()
-        except (OSError, ValueError) as exc:
-            raise UserError(f"{source}: the Parquet file is damaged ({exc}); re-write it") from None
-        return [Row(source, i, r) for i, r in enumerate(table, start=1)]
-    return _read_hub(source)
+            rows.append(Row(source, number, json.loads(text)))
+        except json.JSONDecodeError as exc:
+            raise UserError(json_error(source, number, exc)) from None
+    return rows
 
 
-def _read_hub(source: str) -> list[Row]:
-    from datasets import (
-        load_dataset,  # datasets costs ~1 s to import: only for hub sources
-    )
+def json_error(source: str, number: int, exc: json.JSONDecodeError) -> str:
+    return f"{source}:{number}: not valid JSON ({exc.msg}, column {exc.colno})"
+
+
+def iter_source(source: str, progress=None) -> Iterator[tuple[int, str]]:
+    """(row number, the row as JSON text) for every row of a source, streamed: JSONL line by line
+    (not parsed here: the parallel conversion parses it), Parquet by record batch, a hub data set
+    from datasets' own Arrow cache; rows that are not JSON lines are written as JSON (ASCII, so a
+    lone surrogate escape stays an escape). A .json file is one JSON array, which the json module can
+    only parse whole. `progress(n)` is called with bytes (local files) or rows (hub) done.
+
+    JSONL lines are split at `\\n` only (str.splitlines also splits inside a string at U+2028 and
+    other separators that JSON allows raw). UTF-8 errors raise with line and byte offset."""
+    path = Path(source)
+    if path.suffix not in LOCAL_SUFFIXES:
+        yield from _iter_hub(source, progress)
+        return
+    if not path.is_file():
+        raise UserError(f"data file not found: {source} (relative paths are read from {Path.cwd()})")
+    if path.suffix == ".jsonl":
+        yield from _iter_jsonl(path, source, progress)
+    elif path.suffix == ".json":
+        try:
+            data = json.loads(_read_text(path, source))
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{source}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+        if not isinstance(data, list):
+            raise UserError(f"{source}: expected a JSON list of rows, got {type(data).__name__}")
+        for i, r in enumerate(data, start=1):
+            yield i, json.dumps(r)
+    else:
+        yield from _iter_parquet(path, source, progress)
+
+
+def _iter_jsonl(path: Path, source: str, progress) -> Iterator[tuple[int, str]]:
+    try:
+        f = path.open("rb")
+    except OSError as exc:
+        raise UserError(f"{source}: cannot read the data file ({exc.strerror or exc})") from None
+    with f:
+        offset = 0
+        for number, line in enumerate(f, start=1):
+            bom = 3 if number == 1 and line.startswith(b"\xef\xbb\xbf") else 0  # Windows tools write one; JSON forbids it
+            try:
+                text = line[bom:].decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise UserError(
+                    f"{source}:{number}: not valid UTF-8 at byte offset {offset + bom + exc.start} ({exc.reason}); "
+                    "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8) or remove the bad bytes"
+                ) from None
+            offset += len(line)
+            if progress is not None:
+                progress(len(line))
+            if text.strip():
+                yield number, text
+
+
+def _iter_parquet(path: Path, source: str, progress) -> Iterator[tuple[int, str]]:
+    parquet = _open_parquet(path, source)
+    number = 0
+    try:
+        for batch in parquet.iter_batches(batch_size=1000):
+            for value in batch.to_pylist():
+                number += 1
+                # default=str: columns a row does not train on (timestamps, bytes) need not be JSON
+                yield number, json.dumps(value, default=str)
+            if progress is not None:
+                progress(batch.nbytes)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{source}: the Parquet file is damaged ({exc}); re-write it") from None
+
+
+def load_hub(source: str):
+    """The hub data set `name[:split]` (datasets keeps it in its own Arrow cache)."""
+    from datasets import load_dataset  # datasets costs ~1 s to import: only for hub sources
 
     name, _, split = source.partition(":")
     try:
-        table = load_dataset(name, split=split or "train")
+        return load_dataset(name, split=split or "train")
     except Exception as exc:  # datasets raises many types for "not found / offline"
         raise UserError(
             f"cannot load `{source}`: it is not a local .jsonl/.json/.parquet file, and the hub data set could not be "
             f"loaded ({exc.__class__.__name__}: {exc}). Check the path, or download the data set and name the file."
         ) from None
-    return [Row(source, i, r) for i, r in enumerate(table, start=1)]
+
+
+def _iter_hub(source: str, progress) -> Iterator[tuple[int, str]]:
+    table = load_hub(source)
+    number = 0
+    for batch in table.iter(batch_size=1000):
+        columns = list(batch)
+        for values in zip(*batch.values()):
+            number += 1
+            yield number, json.dumps(dict(zip(columns, values)), default=str)
+        if progress is not None:
+            progress(len(batch[columns[0]]) if columns else 0)
+
+
+def fingerprint(source: str) -> dict:
+    """What identifies a source's content for the data cache (finetune/datacache.py): a local
+    file's xxh3-128 (about 9 GB/s here, so a cache hit stays fast; the cache key is no security
+    boundary), or a hub data set's datasets fingerprint. A source that cannot be read gets a key
+    too: preparing it then raises the error that names it."""
+    path = Path(source)
+    if path.suffix in LOCAL_SUFFIXES:
+        if not path.is_file():
+            return {"source": source, "missing": True}
+        return {"source": source, "xxh3_128": hash_file(path)}
+    try:
+        return {"source": source, "datasets_fingerprint": load_hub(source)._fingerprint}
+    except UserError as exc:
+        return {"source": source, "unavailable": str(exc)}
+
+
+def hash_file(path: Path) -> str:
+    import xxhash  # a dependency of datasets
+
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()

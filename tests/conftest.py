@@ -165,6 +165,14 @@ def tokenizer():
     return build_tokenizer()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def data_cache(tmp_path_factory):
+    """Prepared data sets go to a folder of this session, not ~/.cache (finetune/datacache.py)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FINETUNE_CACHE", str(tmp_path_factory.mktemp("finetune-cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_mixtral(tmp_path_factory, tokenizer) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny-mixtral"), "mixtral", tokenizer)

@@ -19,15 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from finetune.data import (
-    RowError,
-    as_messages,
-    check_messages,
-    message_text,
-    read_rows,
-    sft_messages,
-    tokenize_sft,
-)
+from finetune.data import RowError, as_messages, check_messages, message_text, read_rows, sft_messages, tokenize_sft
 from finetune.errors import UserError
 from finetune.eval import cli as long_context
 from finetune.eval.report import write_atomic

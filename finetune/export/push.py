@@ -28,7 +28,7 @@ def check_repo_id(repo_id: str) -> str:
     """repo_id if it is ORG/NAME as the hub accepts it, else a UserError saying what is wrong."""
     # imported here, not at the top: keeps `finetune --help` and `validate` fast
     from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
+    from huggingface_hub.utils import validate_repo_id  # (as above)
 
     problem = None
     if not REPO_ID.match(repo_id):
@@ -45,7 +45,7 @@ def check_repo_id(repo_id: str) -> str:
 
 def hub_token() -> str:
     """The token huggingface_hub would use (HF_TOKEN, or the one `hf auth login` stored), else a UserError."""
-    from huggingface_hub import get_token
+    from huggingface_hub import get_token  # only with --push-to-hub
 
     token = get_token()
     if not token:
@@ -68,7 +68,7 @@ def export_files(directory: Path) -> list[str]:
 def push_export(directory: str | Path, repo_id: str, *, private: bool = False, token: str | None = None) -> str:
     """Create `repo_id` (a model repo; kept if it exists) and upload the export directory to it in one
     commit. Returns the repo URL. The local export is only read."""
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi  # only with --push-to-hub
 
     directory = Path(directory)
     check_repo_id(repo_id)

@@ -30,12 +30,7 @@ import warnings
 import torch
 from peft.tuners.lora.layer import ParamWrapper
 
-from finetune.lora.grouped_mm import (
-    StackedWeight,
-    expert_groups,
-    grouped_linear,
-    grouped_mm_ok,
-)
+from finetune.lora.grouped_mm import StackedWeight, expert_groups, grouped_linear, grouped_mm_ok
 from finetune.moe import shape_of
 
 _FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -21,15 +21,7 @@ from torch import nn
 
 from finetune.errors import Problem, did_you_mean
 from finetune.moe import find_routers
-from finetune.recipe import (
-    ATTENTION_TARGETS,
-    DENSE_MLP_TARGETS,
-    EXPERT_ALIASES,
-    EXPERT_TARGETS,
-    LoraGroup,
-    LoraSection,
-    RouterSection,
-)
+from finetune.recipe import ATTENTION_TARGETS, DENSE_MLP_TARGETS, EXPERT_ALIASES, EXPERT_TARGETS, LoraGroup, LoraSection, RouterSection
 
 GROUP_DEFAULT_TARGETS = {"attention": ATTENTION_TARGETS, "experts": EXPERT_TARGETS, "mlp": DENSE_MLP_TARGETS}
 ROUTER_LORA_DEFAULT = LoraGroup(r=8, alpha=16.0)

@@ -13,6 +13,8 @@ hardware.py (GPUs, FLOPs), render.py (table, JSON).
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 
 from finetune import modeling
@@ -27,12 +29,7 @@ MAX_MICRO_BATCH = 64
 def _setting(section: dict, key: str, stage: str):
     if key in section:
         return section[key]
-    import dataclasses
-
-    from trl import (  # only for its defaults; validate has imported it already
-        DPOConfig,
-        SFTConfig,
-    )
+    from trl import DPOConfig, SFTConfig  # only for its defaults: trl stays out of `finetune --help`
 
     cls = SFTConfig if stage == "sft" else DPOConfig
     return next(f.default for f in dataclasses.fields(cls) if f.name == key)

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 
+from finetune.data import count_rows
+from finetune.errors import UserError
 from finetune.plan import hardware, plan
+from finetune.plan.launch import read_launch
 
 
 def _rows(recipe) -> int | None:
-    from finetune.data import count_rows
-
     counts = [count_rows(s) for s in recipe.data.train]
     return None if not counts or None in counts else sum(counts)
 
@@ -22,16 +23,12 @@ def check_args(args) -> hardware.Gpu:
     gpu = hardware.pick_gpu(args.gpu, args.gpu_memory)
     args.launched = None
     if args.launch:
-        from finetune.plan.launch import read_launch
-
         args.launched, gpus, nodes = read_launch(args.launch)
         args.gpus = args.gpus if args.gpus is not None else gpus
         args.nodes = args.nodes if args.nodes is not None else nodes
     args.gpus = 1 if args.gpus is None else args.gpus
     args.nodes = 1 if args.nodes is None else args.nodes
     if args.gpus < 1 or args.nodes < 1:
-        from finetune.errors import UserError
-
         raise UserError(f"--gpus and --nodes must be at least 1, got --gpus {args.gpus} --nodes {args.nodes}")
     return gpu
 

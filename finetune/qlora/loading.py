@@ -32,12 +32,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from finetune.errors import UserError
 from finetune.modeling import resolve_dtype
 from finetune.moe import experts_modules, is_fused_expert_weight
-from finetune.qlora.experts import (
-    is_nf4,
-    quantize_expert_weight,
-    quantize_experts,
-    register_staged,
-)
+from finetune.qlora.experts import is_nf4, quantize_expert_weight, quantize_experts, register_staged
 from finetune.qlora.nf4 import QUANT_TYPE, require_bitsandbytes
 
 log = logging.getLogger("finetune")
@@ -54,18 +49,10 @@ def bnb_config(compute_dtype: torch.dtype):
 def _quantizer_class():
     """transformers' bitsandbytes 4-bit quantizer, extended to the fused experts (defined lazily:
     importing transformers' quantizers needs bitsandbytes, an optional extra)."""
-    from transformers.core_model_loading import (
-        ConversionOps,  # optional extra: these modules need bitsandbytes
-    )
-    from transformers.integrations.bitsandbytes import (
-        Bnb4bitQuantize,  # needs bitsandbytes (optional extra)
-    )
-    from transformers.quantizers.quantizer_bnb_4bit import (
-        Bnb4BitHfQuantizer,  # needs bitsandbytes (optional extra)
-    )
-    from transformers.quantizers.quantizers_utils import (
-        get_module_from_name,  # needs bitsandbytes (optional extra)
-    )
+    from transformers.core_model_loading import ConversionOps  # optional extra: these modules need bitsandbytes
+    from transformers.integrations.bitsandbytes import Bnb4bitQuantize  # needs bitsandbytes (optional extra)
+    from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer  # needs bitsandbytes (optional extra)
+    from transformers.quantizers.quantizers_utils import get_module_from_name  # needs bitsandbytes (optional extra)
 
     class ExpertsNF4Quantize(ConversionOps):
         """Per loaded tensor: a fused expert weight goes to NF4 per expert; a linear weight to bitsandbytes."""
@@ -102,9 +89,7 @@ def _quantizer_class():
 @contextlib.contextmanager
 def experts_quantized_on_load():
     """Within: from_pretrained with a 4-bit BitsAndBytesConfig also quantizes the fused experts."""
-    from transformers.quantizers import (
-        auto,  # transformers' quantizer registry; used only on the 4-bit path (bitsandbytes extra)
-    )
+    from transformers.quantizers import auto  # transformers' quantizer registry; used only on the 4-bit path (bitsandbytes extra)
 
     stock = auto.AUTO_QUANTIZER_MAPPING[BNB_4BIT]
     auto.AUTO_QUANTIZER_MAPPING[BNB_4BIT] = _quantizer_class()

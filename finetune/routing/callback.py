@@ -44,14 +44,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from finetune.routing.capture import RoutingCapture
-from finetune.routing.metrics import (
-    dead_experts,
-    imbalance,
-    load_share,
-    masked_mean,
-    token_kl,
-    token_topk_overlap,
-)
+from finetune.routing.metrics import dead_experts, imbalance, load_share, masked_mean, token_kl, token_topk_overlap
 
 log = logging.getLogger(__name__)
 

@@ -273,9 +273,7 @@ def routing_report(
 
 def _plots(result: dict, out: Path) -> list[str]:
     try:
-        from finetune.routing import (
-            plots,  # matplotlib only when plots are asked for (--no-plots skips it)
-        )
+        from finetune.routing import plots  # matplotlib only when plots are asked for (--no-plots skips it)
     except ImportError:  # matplotlib is a dependency; an environment may still lack it
         log.warning("matplotlib not installed: routing report without plots (pip install matplotlib)")
         return []

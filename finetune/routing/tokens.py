@@ -114,11 +114,9 @@ def render_html(view: dict, title: str) -> str:
 
 def write_png(view: dict, path: Path, title: str, per_line: int = 16) -> None:
     """The same view as a picture: one panel per picked layer, tokens as coloured cells in rows of `per_line`."""
-    from matplotlib.backends.backend_agg import (
-        FigureCanvasAgg,  # heavy: only when a PNG is asked for
-    )
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Rectangle
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # heavy: only when a PNG is asked for
+    from matplotlib.figure import Figure  # matplotlib: only when the PNG is asked for
+    from matplotlib.patches import Rectangle  # (as above)
 
     n = view["num_experts"]
     lines_per_sample = [-(-len(s["ids"]) // per_line) for s in view["samples"]]

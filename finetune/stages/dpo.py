@@ -20,7 +20,7 @@ import logging
 from pathlib import Path
 
 from finetune import distributed, modeling, runs
-from finetune.data import build_datasets
+from finetune.dataprep import build_datasets, wants_eval
 from finetune.guards import NonFiniteGuard
 from finetune.load.chain import load_chain
 from finetune.lora.targets import lora_config
@@ -37,8 +37,9 @@ log = logging.getLogger("finetune")
 def prepare_inputs(recipe: Recipe, aux_coef: float, parent: runs.Run):
     """Tokenizer, data sets and trainer settings: every check on the inputs, before any disk change."""
     tokenizer = modeling.load_tokenizer(ModelSection(**{**recipe.model.__dict__, "name_or_path": str(parent.path)}))
-    train, eval_ds, report = build_datasets(recipe.data, tokenizer, "preference", recipe.seed)
-    args = train_args.trainer_args(recipe, "dpo", staging.staging_for(recipe), aux_coef, eval_ds is not None)
+    # trainer settings first: they set up the launch, and then only the main process prepares the data
+    args = train_args.trainer_args(recipe, "dpo", staging.staging_for(recipe), aux_coef, wants_eval(recipe.data))
+    train, eval_ds, report = build_datasets(recipe.data, tokenizer, "preference", recipe.seed, args.dataset_num_proc)
     return tokenizer, train, eval_ds, report, args
 
 
@@ -54,9 +55,7 @@ def load_start(parent: runs.Run, checked):
 def build_trainer(recipe: Recipe, checked, aux_coef: float, parent: runs.Run, extra_callbacks=(), inputs=None,
                   model=None):
     """The DPOTrainer on the merged parent chain, and what went into it (tests use this directly)."""
-    from trl import (
-        DPOTrainer,  # trl imported here: `finetune --help` and `validate` need no trl
-    )
+    from trl import DPOTrainer  # trl imported here: `finetune --help` and `validate` need no trl
 
     tokenizer, train, eval_ds, report, args = inputs or prepare_inputs(recipe, aux_coef, parent)
     if model is None:

@@ -14,12 +14,12 @@ from __future__ import annotations
 import logging
 
 from finetune import distributed, modeling
-from finetune.data import build_datasets
+from finetune.runs import staging
+from finetune.dataprep import build_datasets, wants_eval
 from finetune.guards import NonFiniteGuard
 from finetune.load import load_model
 from finetune.lora.targets import lora_config
 from finetune.recipe import Recipe
-from finetune.runs import staging
 from finetune.train import args as train_args
 from finetune.train import save, wrap
 from finetune.validate.resolve import resolved_recipe
@@ -28,16 +28,15 @@ log = logging.getLogger("finetune")
 
 
 def run_sft(recipe: Recipe, overwrite: bool = False, callbacks=(), resume: bool = False):
-    from trl import (
-        SFTTrainer,  # trl imported here: `finetune --help` and `validate` need no trl
-    )
+    from trl import SFTTrainer  # trl imported here: `finetune --help` and `validate` need no trl
 
     checked, recipe = resolved_recipe(recipe, "sft")
     aux_coef = recipe.router.aux_loss_coef  # the resolved recipe records the number actually used
 
     tokenizer = modeling.load_tokenizer(recipe.model)
-    train, eval_ds, report = build_datasets(recipe.data, tokenizer, "sft", recipe.seed)
-    args = train_args.trainer_args(recipe, "sft", staging.staging_for(recipe), aux_coef, eval_ds is not None)
+    # trainer settings first: they set up the launch, and then only the main process prepares the data
+    args = train_args.trainer_args(recipe, "sft", staging.staging_for(recipe), aux_coef, wants_eval(recipe.data))
+    train, eval_ds, report = build_datasets(recipe.data, tokenizer, "sft", recipe.seed, args.dataset_num_proc)
     rundir = staging.reserve(recipe, overwrite, resume)
 
     # under FSDP2 with cpu_ram_efficient_loading only rank 0 reads the weights (finetune/distributed.py)

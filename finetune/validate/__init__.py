@@ -28,11 +28,7 @@ from finetune.errors import Problem, UserError
 from finetune.lora.targets import Targets, resolve_targets
 from finetune.qlora.checks import parameter_target_problems, recipe_problems
 from finetune.recipe import Recipe
-from finetune.validate.passthrough import (
-    check_eval_and_split,
-    check_passthrough,
-    check_trainer_config,
-)
+from finetune.validate.passthrough import check_eval_and_split, check_passthrough, check_trainer_config
 
 
 @dataclass

@@ -87,6 +87,9 @@ def test_cpu_ddp_config_starts_two_ranks(tmp_path, tiny_mixtral, sft_file):
     assert "rank 0/2: peak host RSS" in proc.stderr and "rank 1/2: peak host RSS" in proc.stderr
     assert proc.stdout.count("SFT finished") == 1  # only the main process writes and reports
     assert trained(out)
+    # the main process prepared the data (finetune/dataprep.py), the other loaded its cache entry
+    assert "rank 0/2: data: 48 rows tokenized here, cache entry prepared" in proc.stderr
+    assert "rank 1/2: data: 0 rows tokenized here, cache hit" in proc.stderr
 
 
 def test_world_size_mismatch_refused_on_every_rank_before_the_disk(tmp_path, tiny_mixtral, sft_file):

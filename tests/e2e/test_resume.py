@@ -8,6 +8,7 @@ real `python -m finetune sft` (1 process) and of `torchrun --nproc_per_node 2` (
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -48,7 +49,8 @@ def last(history: list[dict], key: str):
     return [e[key] for e in history if key in e][-1]
 
 
-def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, tiny_mixtral, sft_file):
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, tiny_mixtral, sft_file, caplog):
+    caplog.set_level(logging.INFO, logger="finetune")
     whole = run_sft(make(tmp_path, tiny_mixtral, sft_file, "whole"))
     with pytest.raises(KeyboardInterrupt):
         run_sft(make(tmp_path, tiny_mixtral, sft_file, "cut"), callbacks=[InterruptAt(3)])
@@ -57,6 +59,9 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, tiny_mixtral, s
     before = json.loads((staging / "checkpoints" / "checkpoint-2" / "finetune_totals.json").read_text())["train_seconds"]
 
     resumed = run_sft(make(tmp_path, tiny_mixtral, sft_file, "cut"), resume=True)
+    # a second run of the same data and the resumed run load the prepared data from the cache
+    prepared = [r.getMessage().split(",")[1].split("(")[0].strip() for r in caplog.records if "rows tokenized here" in r.getMessage()]
+    assert prepared[1:] == ["cache hit", "cache hit"], prepared
     assert (resumed / "adapter_model.safetensors").read_bytes() == (whole / "adapter_model.safetensors").read_bytes()
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (whole, resumed))
     assert b["resumed_from"] == "checkpoint-2" and b["tokens_seen"] == a["tokens_seen"] > 0

@@ -7,7 +7,8 @@ import json
 import pytest
 from conftest import write_jsonl
 
-from finetune.data import build_datasets, read_rows, tokenize_sft
+from finetune.data import read_rows, tokenize_sft
+from finetune.dataprep import build_datasets
 from finetune.errors import UserError
 from finetune.recipe import DataSection
 

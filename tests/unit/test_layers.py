@@ -23,7 +23,7 @@ LAYERS = [
     ["load"],
     ["qlora"],
     ["lora"],
-    ["modeling", "moe", "data", "datafiles", "runs", "distributed", "guards"],
+    ["modeling", "moe", "data", "dataprep", "datacache", "datafiles", "runs", "distributed", "guards"],
     ["recipe"],
     ["errors"],
 ]
@@ -128,3 +128,19 @@ def test_an_upward_import_or_a_circle_is_caught(tmp_path):
     assert any(p.startswith("import circle between units") for p in found), found
     (tmp_path / "finetune" / "newthing.py").write_text('"""A module nobody placed."""\n')
     assert any("`newthing` is not placed" in p for p in layer_problems(tmp_path))
+
+
+def test_imports_inside_functions_say_why():
+    """An import inside a function is kept only for an optional extra or to keep `finetune --help`
+    and `validate` fast; each says which in a comment on its line or the line above."""
+    silent = []
+    for path in sorted((REPO / "finetune").rglob("*.py")):
+        lines = path.read_text(encoding="utf-8").splitlines()
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for inner in ast.walk(node):
+                    if isinstance(inner, (ast.Import, ast.ImportFrom)):
+                        here, above = lines[inner.lineno - 1], lines[inner.lineno - 2]
+                        if "#" not in here and not above.strip().startswith("#"):
+                            silent.append(f"{path.relative_to(REPO)}:{inner.lineno}: {here.strip()}")
+    assert silent == [], "move these imports to the top, or say in a comment why they wait: " + "; ".join(silent)

@@ -1,0 +1,288 @@
+"""Data preparation with `datasets`: a job's sources -> Arrow rows -> checked, tokenized rows, cached.
+
+    finetune sft recipes/tiny-moe/sft.yaml      # prepares the data (or finds it in the cache) before the model loads
+    accelerate launch -m finetune sft R.yaml    # the main process prepares, the other ranks load its cache entry
+
+Steps; each writes Arrow files in the entry's temporary folder and none holds the data set in
+Python objects, so memory stays bounded by a batch per process:
+ 1. read: every source's rows as JSON text with their row numbers, streamed (datafiles.iter_source);
+ 2. convert: `datasets.map(num_proc=dataset_num_proc)` parses, checks and tokenizes each row with
+    finetune/data.py's converters: the same functions as before, so the same ids, masks and errors;
+ 3. errors, in the order the in-memory path raised them: an unreadable source or invalid JSON first
+    (files used to be read whole before any row was checked), then bad rows in row order: the first
+    is an error, or every one is dropped and reported (data.bad_rows);
+ 4. eval_split (the same seeded permutation as before), save_to_disk; finetune/datacache.py publishes.
+The datasets returned are memory-mapped from the cache entry, after a cold build as on a hit.
+
+Sits with data/datafiles (imports data, datafiles, datacache, errors, recipe).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+from importlib import metadata
+from pathlib import Path
+
+import pyarrow.compute as pc
+from datasets import Dataset, Features, List, Value, load_from_disk
+from datasets.arrow_writer import ArrowWriter
+from datasets.utils.tqdm import tqdm
+
+import finetune
+from finetune import data, datacache, datafiles
+from finetune.data import CONVERTERS, Report, RowError, convert_row
+from finetune.errors import Problem, UserError
+from finetune.recipe import DataSection
+
+log = logging.getLogger("finetune")
+
+ROW, HARD, READ = 0, 1, 2
+"""Error kinds: a bad row (data.bad_rows decides), a UserError while converting (always raised),
+an unreadable source or a line that is not JSON (always raised, before any row check)."""
+
+RAW = Features({"source": Value("int32"), "number": Value("int64"), "text": Value("string"), "error": Value("string")})
+_KEEP = {"source": Value("int32"), "number": Value("int64"), "error": Value("string"), "error_kind": Value("int8")}
+MESSAGES = List({"role": Value("string"), "content": Value("string")})
+PAIR = ("prompt", "chosen", "rejected")
+
+
+def wants_eval(section: DataSection) -> bool:
+    return bool(section.eval) or section.eval_split > 0
+
+
+def build_datasets(section: DataSection, tokenizer, kind: str, seed: int, num_proc: int | None = None):
+    """(train, eval or None, Report) for kind `sft` or `preference`, from the cache or prepared into it.
+
+    Under a launcher the main process prepares and the others wait, then load (datacache.main_first)."""
+    parts = key_parts(section, tokenizer, kind, seed)
+    key = datacache.key(parts)
+    state = launch_state()
+    converted = 0
+    with datacache.main_first(state):
+        found = datacache.lookup(key)
+        if found is None:
+            if state is not None and not state.is_local_main_process:
+                raise UserError(f"rank {state.process_index}: the data were not prepared by the main process "
+                                "(its error is above); fix that and launch again")
+            found, converted = prepare(key, parts, section, tokenizer, kind, seed, num_proc)
+    entry, manifest = found
+    rank = f"rank {state.process_index}/{state.num_processes}: " if state is not None else ""
+    log.info("%sdata: %d rows tokenized here, %s (%s, %.1f MB)", rank, converted,
+             "cache entry prepared" if converted else "cache hit", entry, datacache.size(entry) / 1e6)
+    train = load_from_disk(str(entry / "train"))
+    eval_ds = load_from_disk(str(entry / "eval")) if (entry / "eval").is_dir() else None
+    report = Report(rows=manifest["report"]["rows"], dropped=[Problem(*p) for p in manifest["report"]["dropped"]])
+    if report.dropped:
+        log.warning("dropped %d bad row(s) (data.bad_rows: drop); first: %s", len(report.dropped), report.dropped[0])
+    return train, eval_ds, report
+
+
+def launch_state():
+    """accelerate's PartialState when a launcher started several processes and the trainer settings
+    (built first by the stages) set them up; None in a single process."""
+    import torch.distributed as dist  # torch: imported here so that importing this module stays light
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    from accelerate import PartialState  # with torch.distributed above: only under a launcher
+
+    return PartialState()
+
+
+# ---------------------------------------------------------------- the cache key
+
+
+def key_parts(section: DataSection, tokenizer, kind: str, seed: int) -> dict:
+    """Everything that changes the prepared rows. Every data.* setting is in (new ones too, e.g.
+    formats and mappings); the seed only when it draws the eval split; not num_proc (same result)."""
+    settings = {k: v for k, v in dataclasses.asdict(section).items() if k not in ("train", "eval")}
+    return {
+        "kind": kind,
+        "data": settings,
+        "train": [datafiles.fingerprint(s) for s in section.train],
+        "eval": [datafiles.fingerprint(s) for s in section.eval],
+        "seed": seed if not section.eval and section.eval_split > 0 else None,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "code": hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (data, datafiles))
+                               + Path(__file__).read_bytes()).hexdigest(),
+        "versions": {p: metadata.version(p) for p in ("datasets", "pyarrow", "tokenizers", "transformers", "jinja2")}
+        | {"finetune": finetune.__version__},
+    }
+
+
+def tokenizer_fingerprint(tokenizer) -> dict:
+    """The tokenizer as it tokenizes: its serialized model (vocabulary, merges, normalizer,
+    pre-tokenizer, added tokens) without the per-call truncation/padding state, its special tokens
+    and the chat template in use (a recipe's model.chat_template included)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        state = json.loads(backend.to_str())
+        state.pop("truncation", None)
+        state.pop("padding", None)
+        model = hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
+    else:  # a slow (Python) tokenizer: datasets' own hash of the object
+        from datasets.fingerprint import Hasher  # a slow tokenizer only (rare)
+
+        model = Hasher.hash(tokenizer)
+    return {"class": type(tokenizer).__name__, "model": model, "special": [tokenizer.bos_token, tokenizer.eos_token,
+            *tokenizer.all_special_tokens], "chat_template": tokenizer.chat_template}
+
+
+# ---------------------------------------------------------------- preparation
+
+
+def prepare(key: str, parts: dict, section: DataSection, tokenizer, kind: str, seed: int, num_proc: int | None):
+    """Prepare into a temporary folder and publish it; ((entry, manifest), rows converted here)."""
+    report = Report()
+    with datacache.building(key) as tmp:
+        work = tmp / "work"
+        work.mkdir()
+        job = dict(work=work, key=key, section=section, tokenizer=tokenizer, kind=kind, num_proc=num_proc, report=report)
+        train, converted = _prepare_split("train", section.train, **job)
+        eval_ds = parts_ = None
+        if section.eval:
+            eval_ds, more = _prepare_split("eval", section.eval, **job)
+            converted += more
+        if len(train) == 0:
+            raise UserError(f"data.train: no usable rows in {', '.join(section.train)}")
+        if eval_ds is None and section.eval_split > 0:
+            parts_ = train.train_test_split(
+                test_size=section.eval_split, seed=seed,
+                train_indices_cache_file_name=str(work / "split-train.arrow"),
+                test_indices_cache_file_name=str(work / "split-eval.arrow"),
+                train_new_fingerprint=f"{key}-train-split", test_new_fingerprint=f"{key}-eval-split")
+            train, eval_ds = parts_["train"], parts_["test"]
+        # a fingerprint from the key, so that a cold build and a hit are the same bytes and TRL's
+        # own map caches (named after it) are found again on the next run
+        train.select_columns(train.column_names, new_fingerprint=f"{key}-train").save_to_disk(str(tmp / "train"))
+        if eval_ds is not None:
+            eval_ds.select_columns(eval_ds.column_names, new_fingerprint=f"{key}-eval").save_to_disk(str(tmp / "eval"))
+        del train, eval_ds, parts_  # the memory maps of the work files, before removing them
+        shutil.rmtree(work)
+        dropped = [[p.where, p.what] for p in report.dropped]
+        entry = datacache.publish(tmp, key, parts, {"rows": report.rows, "dropped": dropped})
+    return (entry, json.loads((entry / datacache.MANIFEST).read_text())), converted
+
+
+def _prepare_split(name: str, sources: list[str], work: Path, key: str, section: DataSection, tokenizer, kind: str,
+                   num_proc: int | None, report: Report) -> tuple[Dataset, int]:
+    raw = _read(sources, work / f"{name}-raw.arrow", name)
+    if kind == "sft":
+        out = {"input_ids": List(Value("int32")), **({"assistant_masks": List(Value("int64"))}
+                                                      if section.assistant_only_loss else {})}
+    else:
+        out = {f"{c}_{form}": Value("string") if form == "text" else MESSAGES for c in PAIR for form in ("text", "messages")}
+    converted = raw.map(
+        _convert_batch, batched=True, remove_columns=["text"], features=Features({**_KEEP, **out}),
+        fn_kwargs={"convert": CONVERTERS[kind](tokenizer, section), "kind": kind, "columns": list(out), "sources": sources},
+        num_proc=num_proc if num_proc and num_proc > 1 and len(raw) >= num_proc else None,
+        cache_file_name=str(work / f"{name}-converted.arrow"), new_fingerprint=f"{key}-{name}-converted",
+        desc=f"Checking and tokenizing {name} rows",
+    )
+    table = converted.data.table
+    ok = pc.is_null(table["error"])
+    if (pc.sum(ok).as_py() or 0) != len(table):
+        _resolve_errors(table.filter(pc.invert(ok)).select(list(_KEEP)).to_pylist(), sources, section, report)
+        good = pc.indices_nonzero(ok).to_pylist()
+        converted = converted.select(good, indices_cache_file_name=str(work / f"{name}-good.arrow"),
+                                     new_fingerprint=f"{key}-{name}-good")
+    report.rows += len(converted)
+    if kind == "preference":
+        plain = pc.sum(pc.and_(ok, pc.is_valid(table["prompt_text"]))).as_py() or 0
+        if 0 < plain < len(converted):
+            raise UserError("data.train mixes plain-text and conversational preference rows; use one form per run")
+        form = "text" if plain else "messages"
+        converted = converted.select_columns([f"{c}_{form}" for c in PAIR]).rename_columns(
+            {f"{c}_{form}": c for c in PAIR})
+    else:
+        converted = converted.remove_columns(list(_KEEP))
+    return converted, len(raw)
+
+
+def _resolve_errors(errors: list[dict], sources: list[str], section: DataSection, report: Report) -> None:
+    """Raise what the in-memory path raised first, or record the dropped rows (errors are in row order)."""
+    reads = [e for e in errors if e["error_kind"] == READ]
+    if reads:  # a source-level error has row number 0: it comes before the file's JSON errors
+        raise _user_error(min(reads, key=lambda e: (e["source"], e["number"]))["error"])
+    for e in errors:
+        if e["error_kind"] == HARD:
+            raise _user_error(e["error"])
+        source = sources[e["source"]]
+        problem = Problem(f"{source}:{e['number']}", e["error"])
+        if section.bad_rows == "error":
+            raise UserError([problem], title=f"bad row in {source} (fix it, or set data.bad_rows: drop to skip bad rows)")
+        report.dropped.append(problem)
+
+
+def _as_payload(exc: UserError) -> str:
+    return json.dumps({"problems": [[p.where, p.what] for p in exc.problems], "title": exc.title})
+
+
+def _user_error(payload: str) -> UserError:
+    raw = json.loads(payload)
+    return UserError([Problem(*p) for p in raw["problems"]], title=raw["title"])
+
+
+def _read(sources: list[str], path: Path, name: str) -> Dataset:
+    """Step 1: the rows of every source as JSON text in one Arrow file; a source that cannot be read
+    becomes one error row (number 0), raised later in source order."""
+    total = sum(Path(s).stat().st_size for s in sources if Path(s).suffix in datafiles.LOCAL_SUFFIXES and Path(s).is_file())
+    writer = ArrowWriter(features=RAW, path=str(path), writer_batch_size=1000)
+    batch = {c: [] for c in RAW}
+
+    def add(source, number, text, error):
+        for c, v in zip(RAW, (source, number, text, error)):
+            batch[c].append(v)
+        if len(batch["text"]) >= 1000:
+            writer.write_batch(batch)
+            for v in batch.values():
+                v.clear()
+
+    with tqdm(total=total or None, unit="B", unit_scale=True, desc=f"Reading {name} data") as bar:
+        for i, source in enumerate(sources):
+            try:
+                for number, text in datafiles.iter_source(source, progress=bar.update):
+                    add(i, number, text, None)
+            except UserError as exc:
+                add(i, 0, None, _as_payload(exc))
+    if batch["text"]:
+        writer.write_batch(batch)
+    writer.finalize()
+    writer.close()
+    return Dataset.from_file(str(path))
+
+
+def _convert_batch(batch: dict, convert, kind: str, columns: list[str], sources: list[str]) -> dict:
+    """Step 2, on a batch of rows in a map worker: parse, check, tokenize; errors become columns."""
+    n = len(batch["text"])
+    out = {"error": [None] * n, "error_kind": [None] * n}
+    for c in columns:
+        out[c] = [None] * n
+    for j, (source, number, text, read_error) in enumerate(zip(batch["source"], batch["number"], batch["text"], batch["error"])):
+        if read_error is not None:
+            out["error"][j], out["error_kind"][j] = read_error, READ
+            continue
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            out["error"][j], out["error_kind"][j] = _as_payload(UserError(datafiles.json_error(sources[source], number, exc))), READ
+            continue
+        try:
+            row = convert_row(convert, value)
+        except RowError as exc:
+            out["error"][j], out["error_kind"][j] = str(exc), ROW
+            continue
+        except UserError as exc:
+            out["error"][j], out["error_kind"][j] = _as_payload(exc), HARD
+            continue
+        if kind == "sft":
+            for c in columns:
+                out[c][j] = row[c]
+        else:
+            for c in PAIR:
+                out[f"{c}_{'text' if isinstance(row[c], str) else 'messages'}"][j] = row[c]
+    return out
