@@ -58,5 +58,6 @@ def run_sft(recipe: Recipe, overwrite: bool = False, callbacks=(), resume: bool 
         )
         counts = wrap.finish_wrap(trainer, checked.targets, recipe.lora.expert_path)
         wrap.attach_routing_metrics(trainer, rundir)
+        wrap.attach_watchers(trainer, recipe, rundir, tokenizer)
         base = [{"kind": "base", "model": recipe.model.name_or_path}]
         return save.train_and_save("sft", trainer, tokenizer, rundir, recipe, checked, counts, report, base)
