@@ -148,15 +148,22 @@ class _RankFormatter(logging.Formatter):
         return f"[rank {self.rank}] {line}" if record.levelno >= logging.WARNING else line
 
 
+def _rank_zero_or_per_rank(record) -> bool:
+    """On ranks other than 0: warnings, and INFO messages marked per-rank (distributed.PER_RANK)."""
+    return record.levelno >= logging.WARNING or getattr(record, "per_rank", False)
+
+
 def _configure_logging(quiet: bool) -> None:
-    # accelerate/torchrun set RANK and WORLD_SIZE: with several processes each INFO line would be
-    # printed once per rank (they are the same), so only rank 0 prints them
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    level = logging.WARNING if quiet or rank != 0 else logging.INFO
+    level = logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # accelerate/torchrun set RANK and WORLD_SIZE: with several processes every INFO line would be
+    # printed once per rank (the same line 8 times on 8 GPUs); rank 0 prints them
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         for handler in logging.getLogger().handlers:
             handler.setFormatter(_RankFormatter(rank))
+            if rank != 0:
+                handler.addFilter(_rank_zero_or_per_rank)
     if quiet or rank != 0:
         os.environ["TQDM_DISABLE"] = "1"  # tqdm reads TQDM_* defaults: no progress bars (eval, data, export)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
