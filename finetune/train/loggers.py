@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import uuid
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -94,7 +95,7 @@ def configure(trainer, staging: Path, resume_from: Path | None) -> None:
             handler.callbacks.insert(handler.callbacks.index(cb), _WandbRun(logs, resume_step is not None))
         elif isinstance(cb, MLflowCallback):
             if not os.getenv("MLFLOW_TRACKING_URI"):
-                cb._tracking_uri = (logs / "mlflow").resolve().as_uri()
+                handler.callbacks.insert(handler.callbacks.index(cb), _MlflowStore(logs))
             id_file = logs / "mlflow-run-id"
             if resume_step is not None and id_file.is_file():
                 cb._run_id = id_file.read_text().strip()
@@ -117,11 +118,35 @@ class _WandbRun(TrainerCallback):
         import wandb  # optional extra finetune[wandb]; validate checked it is installed
 
         id_file = self.logs / "wandb-run-id"
-        run_id = id_file.read_text().strip() if self.resume and id_file.is_file() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if self.resume and id_file.is_file() else uuid.uuid4().hex[:8]
         id_file.write_text(run_id + "\n")
         if wandb.run is None:
             wandb.init(project=os.getenv("WANDB_PROJECT", "finetune"), dir=str(self.logs), id=run_id,
                        resume="allow", name=Path(args.output_dir).parent.name.lstrip(".").removesuffix(".incomplete"))
+
+
+def mlflow_uri(logs: Path) -> str:
+    return f"sqlite:///{(logs / 'mlflow.db').resolve()}"
+
+
+class _MlflowStore(TrainerCallback):
+    """Without MLFLOW_TRACKING_URI: a local store in <run>/logs (sqlite: MLflow 3 refuses its file
+    store unless MLFLOW_ALLOW_FILE_STORE is set), with the artifacts (sample answers) beside it,
+    set before transformers' MLflowCallback starts its run (it keeps a tracking URI already set)."""
+
+    def __init__(self, logs: Path):
+        self.logs = logs
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        import mlflow  # optional extra finetune[mlflow]; validate checked it is installed
+
+        mlflow.set_tracking_uri(mlflow_uri(self.logs))
+        name = os.getenv("MLFLOW_EXPERIMENT_NAME", "finetune")
+        if mlflow.get_experiment_by_name(name) is None:
+            mlflow.create_experiment(name, artifact_location=(self.logs / "mlflow-artifacts").resolve().as_uri())
+        mlflow.set_experiment(name)
 
 
 class _RecordMlflowRun(TrainerCallback):

@@ -124,7 +124,9 @@ class SamplesCallback(TrainerCallback):
                 table = cb._wandb.Table(columns=["step", "prompt", "answer"], data=[[r["step"], r["prompt"], r["answer"]] for r in rows])
                 cb._wandb.log({"samples": table, "train/global_step": step})
             elif isinstance(cb, MLflowCallback) and cb._ml_flow is not None and cb._ml_flow.active_run() is not None:
-                cb._ml_flow.log_text(text, f"samples/step_{step:07d}.md")
+                # a tag, not an artifact: the artifact store's recorded path is the staging directory's,
+                # which finish renames; tags live in the tracking store. MLflow caps a tag at 8000 characters.
+                cb._ml_flow.set_tag(f"samples/step_{step:07d}", text[:8000])
 
 
 def install(trainer, section, eval_sources: list[str], tokenizer, staging: Path) -> SamplesCallback | None:

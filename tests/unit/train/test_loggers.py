@@ -18,6 +18,7 @@ from transformers import TrainerCallback
 
 from finetune.recipe import read_recipe
 from finetune.stages.sft import run_sft
+from finetune.train.loggers import mlflow_uri
 
 INSTALLED = [name for name in ("tensorboard", "wandb", "mlflow") if importlib.util.find_spec(name)]
 STEPS = {"max_steps": 4, "save_steps": 2, "logging_steps": 1}
@@ -70,11 +71,14 @@ def test_mlflow_scalars_read_back(logged_run):
     pytest.importorskip("mlflow", reason="finetune[mlflow] not installed")
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=(logged_run / "logs" / "mlflow").as_uri())
+    client = MlflowClient(tracking_uri=mlflow_uri(logged_run / "logs"))
     run_id = (logged_run / "logs" / "mlflow-run-id").read_text().strip()
     for key in KEYS:
         logged = {m.step: m.value for m in client.get_metric_history(run_id, key)}
         assert logged == pytest.approx(history(logged_run, key), rel=1e-6), key
+    tags = client.get_run(run_id).data.tags
+    answers = [json.loads(line) for line in (logged_run / "samples.jsonl").read_text().splitlines()]
+    assert [tags[f"samples/step_{r['step']:07d}"] for r in answers] == [f"**hello there**\n\n{r['answer']}" for r in answers]
 
 
 def wandb_history(run: Path) -> list[dict]:
@@ -131,7 +135,7 @@ def test_logs_survive_finish_and_resume_continues_them(tmp_path, tiny_mixtral, s
     if "mlflow" in INSTALLED:
         from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(tracking_uri=(out / "logs" / "mlflow").as_uri())
+        client = MlflowClient(tracking_uri=mlflow_uri(out / "logs"))
         runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
         assert len(runs) == 1  # the resumed session continued the same MLflow run
         assert {m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")} == {1, 2, 3, 4}
