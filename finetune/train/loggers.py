@@ -93,12 +93,12 @@ def configure(trainer, staging: Path, resume_from: Path | None) -> None:
                 cb._SummaryWriter = functools.partial(cb._SummaryWriter, purge_step=resume_step + 1)
         elif isinstance(cb, WandbCallback):
             handler.callbacks.insert(handler.callbacks.index(cb), _WandbRun(logs, resume_step is not None))
+            handler.callbacks.insert(handler.callbacks.index(cb) + 1, _WandbFinish())
         elif isinstance(cb, MLflowCallback):
-            if not os.getenv("MLFLOW_TRACKING_URI"):
-                handler.callbacks.insert(handler.callbacks.index(cb), _MlflowStore(logs))
+            ours = os.getenv("MLFLOW_TRACKING_URI") in (None, "", *_OUR_MLFLOW_URIS)
             id_file = logs / "mlflow-run-id"
-            if resume_step is not None and id_file.is_file():
-                cb._run_id = id_file.read_text().strip()
+            run_id = id_file.read_text().strip() if resume_step is not None and id_file.is_file() else None
+            handler.callbacks.insert(handler.callbacks.index(cb), _MlflowStore(logs, ours, run_id))
             handler.callbacks.insert(handler.callbacks.index(cb) + 1, _RecordMlflowRun(id_file))
         elif isinstance(cb, TrackioCallback):
             # trackio keeps its database under TRACKIO_DIR (default: the Hugging Face cache)
@@ -125,28 +125,53 @@ class _WandbRun(TrainerCallback):
                        resume="allow", name=Path(args.output_dir).parent.name.lstrip(".").removesuffix(".incomplete"))
 
 
+# mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI; a second run in one process (the
+# pipeline's DPO after its SFT) must not mistake the first run's store for the user's choice.
+_OUR_MLFLOW_URIS: set[str] = set()
+
+
 def mlflow_uri(logs: Path) -> str:
     return f"sqlite:///{(logs / 'mlflow.db').resolve()}"
 
 
 class _MlflowStore(TrainerCallback):
-    """Without MLFLOW_TRACKING_URI: a local store in <run>/logs (sqlite: MLflow 3 refuses its file
-    store unless MLFLOW_ALLOW_FILE_STORE is set), with the artifacts (sample answers) beside it,
-    set before transformers' MLflowCallback starts its run (it keeps a tracking URI already set)."""
+    """Runs before transformers' MLflowCallback starts its run. Without a tracking URI of the
+    user's: a local store in <run>/logs (sqlite: MLflow 3 refuses its file store unless
+    MLFLOW_ALLOW_FILE_STORE is set); MLflowCallback keeps a URI already set. On --resume: the
+    interrupted session's run id in MLFLOW_RUN_ID, which mlflow.start_run continues."""
 
-    def __init__(self, logs: Path):
-        self.logs = logs
+    def __init__(self, logs: Path, ours: bool, run_id: str | None):
+        self.logs, self.ours, self.run_id = logs, ours, run_id
 
     def on_train_begin(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
             return
         import mlflow  # optional extra finetune[mlflow]; validate checked it is installed
 
-        mlflow.set_tracking_uri(mlflow_uri(self.logs))
-        name = os.getenv("MLFLOW_EXPERIMENT_NAME", "finetune")
-        if mlflow.get_experiment_by_name(name) is None:
-            mlflow.create_experiment(name, artifact_location=(self.logs / "mlflow-artifacts").resolve().as_uri())
-        mlflow.set_experiment(name)
+        if mlflow.active_run() is not None:  # left open by an interrupted session in this process
+            mlflow.end_run()
+        if self.ours:
+            uri = mlflow_uri(self.logs)
+            _OUR_MLFLOW_URIS.add(uri)
+            mlflow.set_tracking_uri(uri)
+            name = os.getenv("MLFLOW_EXPERIMENT_NAME", "finetune")
+            if mlflow.get_experiment_by_name(name) is None:
+                mlflow.create_experiment(name, artifact_location=(self.logs / "mlflow-artifacts").resolve().as_uri())
+            mlflow.set_experiment(name)
+        if self.run_id:
+            os.environ["MLFLOW_RUN_ID"] = self.run_id
+
+
+class _WandbFinish(TrainerCallback):
+    """Ends the W&B run after transformers' WandbCallback is done with it (that callback leaves it
+    open), so its files are complete when the run directory is swapped into place."""
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            import wandb  # optional extra finetune[wandb]
+
+            if wandb.run is not None:
+                wandb.finish()
 
 
 class _RecordMlflowRun(TrainerCallback):
@@ -160,6 +185,7 @@ class _RecordMlflowRun(TrainerCallback):
             return
         import mlflow  # optional extra finetune[mlflow]
 
+        os.environ.pop("MLFLOW_RUN_ID", None)  # set by _MlflowStore for this run only
         run = mlflow.active_run()
         if run is not None:
             self.id_file.write_text(run.info.run_id + "\n")

@@ -34,6 +34,14 @@ def history(run: Path, key: str) -> dict[int, float]:
     return {e["step"]: e[key] for e in json.loads((run / "metrics.json").read_text())["log_history"] if key in e}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def wandb_offline():
+    """No network in tests: W&B writes its run files only (set before wandb starts a run)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("WANDB_MODE", "offline")
+        yield
+
+
 @pytest.fixture(scope="module")
 def logged_run(tmp_path_factory, tiny_mixtral, sft_file):
     """One SFT run logging to every installed logger, with sample answers."""
@@ -42,9 +50,6 @@ def logged_run(tmp_path_factory, tiny_mixtral, sft_file):
     tmp = tmp_path_factory.mktemp("logged")
     prompts = tmp / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "hello there"}) + "\n")
-    import os
-
-    os.environ["WANDB_MODE"] = "offline"  # no network in tests; set before wandb starts its run
     return run_sft(make(tmp, tiny_mixtral, sft_file, "run", samples={"every": 2, "prompts": str(prompts),
                                                                       "max_new_tokens": 4}))
 
@@ -81,21 +86,35 @@ def test_mlflow_scalars_read_back(logged_run):
     assert [tags[f"samples/step_{r['step']:07d}"] for r in answers] == [f"**hello there**\n\n{r['answer']}" for r in answers]
 
 
-def wandb_history(run: Path) -> list[dict]:
-    """History rows of the offline W&B run, read from its .wandb file with wandb's own record reader."""
+def wandb_records(path: Path):
+    """The protobuf records of a .wandb file. wandb 0.31 has no Python reader left (its core, in Go,
+    reads them), so this follows the format wandb documents in its datastore: a 7-byte header
+    (":W&B", magic 0xBEE1, version 0), then LevelDB-log blocks of 32 KiB whose chunks carry a crc32
+    (4 bytes), a length (2), a type (1: whole record, 2/3/4: first/middle/last piece)."""
     from wandb.proto import wandb_internal_pb2
-    from wandb.sdk.internal import datastore
 
-    (path,) = (run / "logs" / "wandb").glob("wandb/offline-run-*/run-*.wandb")
-    store = datastore.DataStore()
-    store.open_for_scan(str(path))
-    rows = []
-    while (data := store.scan_data()) is not None:
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(data)
-        if record.WhichOneof("record_type") == "history":
-            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
-    return rows
+    data, block, pos, pending = path.read_bytes(), 32768, 7, b""
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a chunk header is padding
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind == 0 and length == 0:
+            continue
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            yield record
+
+
+def wandb_history(run: Path) -> list[dict]:
+    """History rows of the offline W&B run."""
+    (path,) = (run / "logs" / "wandb").glob("offline-run-*/run-*.wandb")
+    return [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
+            for r in wandb_records(path) if r.WhichOneof("record_type") == "history"]
 
 
 def test_wandb_offline_scalars_read_back(logged_run):
@@ -104,6 +123,9 @@ def test_wandb_offline_scalars_read_back(logged_run):
     for key in KEYS:
         logged = {r["train/global_step"]: r[f"train/{key}"] for r in rows if f"train/{key}" in r}
         assert logged == pytest.approx(history(logged_run, key), rel=1e-6), key
+    tables = sorted((logged_run / "logs" / "wandb").glob("offline-run-*/files/media/table/samples_*.table.json"))
+    answers = [json.loads(line) for line in (logged_run / "samples.jsonl").read_text().splitlines()]
+    assert [json.loads(t.read_text())["data"] for t in tables] == [[[r["step"], "hello there", r["answer"]]] for r in answers]
 
 
 class InterruptAfterLog(TrainerCallback):
