@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="loss, exact match, preference accuracy, passkey retrieval, perplexity by context")
     p.add_argument("model", help="base model (directory or hub id), run directory, or exported checkpoint")
     p.add_argument("--data", action="append", help="data file (SFT rows, test prompts with `answer`, or preference pairs); repeatable")
-    p.add_argument("--output", help="write the figures as JSON here")
+    p.add_argument("--output", help="write every figure (data scores, passkey, long-context perplexity) as one JSON file here")
     p.add_argument("--max-new-tokens", type=positive_int, default=32)
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--passkey", action="store_true", help="passkey retrieval by prompt length x key depth (JSON, Markdown, heat-map)")
@@ -148,9 +148,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _RankFormatter(logging.Formatter):
+    """Under several processes: warnings and errors (which can differ per rank) say which rank."""
+
+    def __init__(self, rank: int):
+        super().__init__("%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+        self.rank = rank
+
+    def format(self, record):
+        line = super().format(record)
+        return f"[rank {self.rank}] {line}" if record.levelno >= logging.WARNING else line
+
+
+def _rank_zero_or_per_rank(record) -> bool:
+    """On ranks other than 0: warnings, and INFO messages marked per-rank (distributed.PER_RANK)."""
+    return record.levelno >= logging.WARNING or getattr(record, "per_rank", False)
+
+
 def _configure_logging(quiet: bool) -> None:
     level = logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # accelerate/torchrun set RANK and WORLD_SIZE: with several processes every INFO line would be
+    # printed once per rank (the same line 8 times on 8 GPUs); rank 0 prints them
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(_RankFormatter(rank))
+            if rank != 0:
+                handler.addFilter(_rank_zero_or_per_rank)
+    if quiet or rank != 0:
+        os.environ["TQDM_DISABLE"] = "1"  # tqdm reads TQDM_* defaults: no progress bars (eval, data, export)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # PEFT checks rank/alpha pattern keys against module names only, so the keys for expert and
     # router parameters (target_parameters) are reported as unmatched although PEFT applies them;
@@ -223,7 +250,7 @@ def dispatch(args) -> int:
             raise UserError("--private applies to --push-to-hub ORG/NAME; add it or drop --private")
         token = check_push(args.push_to_hub) if args.push_to_hub else None  # before any work
         out = export(args.run, args.output, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                     overwrite=args.overwrite, forward_check=args.forward_check)
+                     overwrite=args.overwrite, forward_check=args.forward_check, progress=not args.quiet)
         if args.push_to_hub:
             url = push_export(out, args.push_to_hub, private=args.private, token=token)
             print(f"pushed {out} -> {url}" + (" (private)" if args.private else ""))

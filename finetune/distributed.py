@@ -44,6 +44,9 @@ from finetune.modeling import resolve_dtype
 from finetune.moe import moe_block_classes
 
 log = logging.getLogger("finetune")
+# An INFO message that differs per rank (and says its rank): printed by every rank, where other
+# INFO messages are printed by rank 0 only (finetune/cli.py's logging setup).
+PER_RANK = {"per_rank": True}
 
 
 def _env_true(name: str) -> bool:
@@ -130,7 +133,8 @@ def load_base(load, config, section):
         model = model.to_empty(device="cpu")
         model.eval()  # as the loaded model
     _share_non_persistent_buffers(model)
-    log.info("rank %d: %s", rank, "loaded the weights" if rank == 0 else "built the model without weights (rank 0 sends them)")
+    log.info("rank %d: %s", rank, "loaded the weights" if rank == 0 else "built the model without weights (rank 0 sends them)",
+             extra=PER_RANK)
     return model
 
 
@@ -223,12 +227,14 @@ def adapter_state_dict(trainer) -> dict | None:
             return {n: p.detach().to("cpu", copy=True) for n, p in named}
 
     sharded = sum(isinstance(p, DTensor) for _, p in named)
-    log.info("gathering %d adapter tensors (%d sharded) on rank %d", len(named), sharded, torch.distributed.get_rank())
+    log.info("gathering %d adapter tensors (%d sharded) on rank %d", len(named), sharded, torch.distributed.get_rank(),
+             extra=PER_RANK)
     return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().to("cpu", copy=True) for n, p in named}
 
 
 def log_peak_memory(trainer) -> float:
     """This rank's peak resident host memory so far, in GiB (logged on every rank; Linux reports KiB)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20 if sys.platform != "darwin" else 1 << 30)
-    log.info("rank %d/%d: peak host RSS %.3f GiB", trainer.args.process_index, trainer.args.world_size, peak)
+    log.info("rank %d/%d: peak host RSS %.3f GiB", trainer.args.process_index, trainer.args.world_size, peak,
+             extra=PER_RANK)
     return peak

@@ -119,7 +119,8 @@ def run_pipeline(recipe_dir: str, eval_data: list[str], export_dir: str | None =
         exported = Path(export_dir).resolve()
     else:  # --resume replaces an export of this pipeline's DPO run: derived from the run it continues
         exported = export(str(dpo_run), export_dir, dtype=export_dtype,
-                          overwrite=overwrite or (resume and previous == str(dpo_run)))
+                          overwrite=overwrite or (resume and previous == str(dpo_run)),
+                          progress=logging.getLogger("finetune").isEnabledFor(logging.INFO))  # not under --quiet
     timings["export"] = time.perf_counter() - t0 - sum(timings.values())
 
     scored, passkeys = {}, {}

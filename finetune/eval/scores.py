@@ -171,15 +171,18 @@ def format_table(name: str, results: dict) -> str:
 
 
 def evaluate_cli(args) -> int:
+    """`finetune eval`: the data scores, then passkey / long-context perplexity; with --output, all
+    of them in one JSON file (`results` per data file, `passkey`, `long_ppl`), beside --report-dir's files."""
     request = long_context.check_args(args)
     model, tokenizer = load_for_inference(args.model, args.dtype, args.device)
+    results = {}
     if args.data:
         results = evaluate(model, tokenizer, args.data, args.max_new_tokens, args.batch_size)
         print(format_table(args.model, results))
-        if args.output:  # cli.check_output_path has refused paths we could not or should not write
-
-            out = Path(args.output)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(out, json.dumps({"model": args.model, "results": results}, indent=2))
-    long_context.run(model, tokenizer, args, request)
+    extra = long_context.run(model, tokenizer, args, request)
+    if args.output:  # cli.check_output_path has refused paths we could not or should not write
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(out, json.dumps({"model": args.model, "results": results, **extra}, indent=2))
+        print(f"written: {out}")
     return 0

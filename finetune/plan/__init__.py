@@ -14,7 +14,6 @@ hardware.py (GPUs, FLOPs), render.py (table, JSON).
 from __future__ import annotations
 
 import dataclasses
-
 import math
 
 from finetune import modeling

@@ -88,6 +88,28 @@ class RouterSection:
 
 
 @dataclass
+class SamplesSection:
+    every: int = 100
+    """Log greedy answers every this many optimizer steps (and at the last step)."""
+    prompts: int | str = 4
+    """A .jsonl file of prompts (`prompt` text or `messages`), or how many rows of the eval data to take."""
+    max_new_tokens: int = 64
+    """Longest answer in tokens."""
+
+
+@dataclass
+class EarlyStoppingSection:
+    metric: str = "eval_loss"
+    """An evaluation metric the trainer logs (eval_loss; DPO also eval_rewards/accuracies, ...)."""
+    patience: int = 3
+    """Stop after this many evaluations without improvement."""
+    threshold: float = 0.0
+    """An evaluation counts as an improvement only if it beats the best by more than this."""
+    mode: str = "auto"
+    """min or max: whether a lower or higher value is better; auto: min for losses, else max."""
+
+
+@dataclass
 class Recipe:
     output_dir: str = ""
     """Where the run writes adapter, tokenizer, resolved recipe and metrics."""
@@ -102,7 +124,11 @@ class Recipe:
     sft: dict = field(default_factory=dict)
     """Passed to trl.SFTConfig (learning_rate, num_train_epochs, per_device_train_batch_size, ...)."""
     dpo: dict = field(default_factory=dict)
-    """Passed to trl.DPOConfig (beta, loss_type, precompute_ref_log_probs, ...)."""
+    """Passed to trl.DPOConfig (beta, loss_type, precompute_ref_log_probs, report_to, ...)."""
+    samples: SamplesSection | None = None
+    """Log greedy answers to a few prompts while training (<run>/samples.jsonl and the loggers)."""
+    early_stopping: EarlyStoppingSection | None = None
+    """Stop when an eval metric stops improving; the best checkpoint's adapter becomes the run's."""
 
     # Not part of the YAML: where the recipe came from, and its structural problems, which
     # finetune/validate/ reports together with everything else it finds.

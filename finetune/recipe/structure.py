@@ -27,6 +27,13 @@ def _check_value(value, tp, where: str, problems: list[Problem]):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
+        simple = [a for a in args if a in (int, float, str, bool)]
+        if len(simple) > 1 and len(simple) == len(args):  # `int | str`: the value's own type, if listed
+            if any(type(value) is a for a in simple):
+                return value
+            names = " or ".join(_type_name(a) for a in simple)
+            problems.append(Problem(where, f"expected {names}, got {value!r}"))
+            return value
         return _check_value(value, args[0], where, problems)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -88,13 +95,14 @@ CHOICES = {
     "data.bad_rows": ["error", "drop"],
     "lora.expert_path": ["fast", "peft"],
     "router.policy": ["freeze", "train", "lora"],
+    "early_stopping.mode": ["auto", "min", "max"],
 }
 
 
 def check_choices(recipe: Recipe, problems: list[Problem]) -> None:
     for path, choices in CHOICES.items():
         section, key = path.split(".")
-        value = getattr(getattr(recipe, section), key)
+        value = getattr(getattr(recipe, section), key, None)  # an absent optional section has no values
         if isinstance(value, str) and value not in choices:
             problems.append(
                 Problem(path, f"`{value}` is not one of {', '.join(choices)}" + did_you_mean(value, choices))
@@ -118,3 +126,15 @@ def check_choices(recipe: Recipe, problems: list[Problem]) -> None:
         problems.append(Problem("seed", f"must be in [0, 2**32), got {recipe.seed}"))
     if bad(recipe.router.aux_loss_coef, lambda v: v >= 0):
         problems.append(Problem("router.aux_loss_coef", "must be >= 0"))
+    samples, stopping = recipe.samples, recipe.early_stopping
+    if samples is not None:
+        for key in ("every", "max_new_tokens"):
+            if bad(getattr(samples, key), lambda v: v >= 1):
+                problems.append(Problem(f"samples.{key}", f"must be at least 1, got {getattr(samples, key)}"))
+        if bad(samples.prompts, lambda v: v >= 1) and not isinstance(samples.prompts, str):
+            problems.append(Problem("samples.prompts", f"a count must be at least 1, got {samples.prompts}"))
+    if stopping is not None:
+        if bad(stopping.patience, lambda v: v >= 1):
+            problems.append(Problem("early_stopping.patience", f"must be at least 1, got {stopping.patience}"))
+        if bad(stopping.threshold, lambda v: v >= 0):
+            problems.append(Problem("early_stopping.threshold", f"must be >= 0, got {stopping.threshold}"))

@@ -21,7 +21,7 @@ def routing_cli(args) -> int:
         other, other_tokenizer = load_for_inference(args.compare, args.dtype, args.device)
         compare = (other, other_tokenizer)
     routing_report(model, tokenizer, sources, args.output, compare=compare, max_length=args.max_length,
-                   batch_size=args.batch_size, plots=not args.no_plots)
+                   batch_size=args.batch_size, plots=not args.no_plots, progress=not args.quiet)
     out = Path(args.output)
     write_token_view(model, tokenizer, sources, out, max_length=args.max_length, png=not args.no_plots,
                      title=f"Top-1 expert per token: {args.model}")

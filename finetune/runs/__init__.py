@@ -7,6 +7,8 @@
       tokenizer files      with the chat template
       metrics.json         final losses, tokens seen, trainable parameters per group, timings
       chain.json           base model -> SFT run -> DPO run, so export can rebuild the model
+      logs/                the loggers' files (report_to: tensorboard, wandb, mlflow, trackio)
+      samples.jsonl        greedy answers while training (recipe `samples:`), one {step, prompt, answer} a line
 
 A run directory is complete only when chain.json exists: it is written last, and the directory
 is renamed into place only after that (finetune/runs/outputs.py). chain.json is a list, oldest first:

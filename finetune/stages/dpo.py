@@ -92,6 +92,7 @@ def run_dpo(recipe: Recipe, overwrite: bool = False, callbacks=(), resume: bool 
 
     with staging.claimed(rundir, recipe):
         trainer, tokenizer, report, counts = build_trainer(recipe, checked, aux_coef, parent, callbacks, inputs, model)
+        wrap.attach_watchers(trainer, recipe, rundir, tokenizer)
         reference = (f"SFT adapter of {parent.path} as frozen adapter `ref` on the 4-bit base"
                      if recipe.model.quantized else f"SFT chain of {parent.path} merged (adapters disabled)")
         return save.train_and_save("dpo", trainer, tokenizer, rundir, recipe, checked, counts, report, parent.chain,

@@ -14,12 +14,12 @@ from __future__ import annotations
 import logging
 
 from finetune import distributed, modeling
-from finetune.runs import staging
 from finetune.dataprep import build_datasets, wants_eval
 from finetune.guards import NonFiniteGuard
 from finetune.load import load_model
 from finetune.lora.targets import lora_config
 from finetune.recipe import Recipe
+from finetune.runs import staging
 from finetune.train import args as train_args
 from finetune.train import save, wrap
 from finetune.validate.resolve import resolved_recipe
@@ -57,5 +57,6 @@ def run_sft(recipe: Recipe, overwrite: bool = False, callbacks=(), resume: bool 
         )
         counts = wrap.finish_wrap(trainer, checked.targets, recipe.lora.expert_path)
         wrap.attach_routing_metrics(trainer, rundir)
+        wrap.attach_watchers(trainer, recipe, rundir, tokenizer)
         base = [{"kind": "base", "model": recipe.model.name_or_path}]
         return save.train_and_save("sft", trainer, tokenizer, rundir, recipe, checked, counts, report, base)

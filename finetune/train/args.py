@@ -36,6 +36,20 @@ STAGE_DEFAULTS = {
 }
 
 
+def best_checkpoint_args(stopping, kwargs: dict, section: dict) -> dict:
+    """What transformers' EarlyStoppingCallback needs: the best checkpoint tracked and loaded at the
+    end (for a PEFT model the Trainer loads the adapter of that checkpoint), evaluations when the
+    checkpoints are saved (load_best_model_at_end requires the two strategies to match)."""
+    metric = stopping.metric if stopping.metric.startswith("eval_") else f"eval_{stopping.metric}"
+    mode = stopping.mode if stopping.mode != "auto" else ("min" if metric.endswith("loss") else "max")
+    out = {"load_best_model_at_end": True, "metric_for_best_model": metric, "greater_is_better": mode == "max"}
+    if "eval_strategy" not in section:
+        out["eval_strategy"] = kwargs["save_strategy"]
+    if "eval_steps" not in section and kwargs.get("save_strategy") == "steps":
+        out["eval_steps"] = kwargs["save_steps"]
+    return out
+
+
 def trainer_args(recipe: Recipe, stage: str, staging: Path, aux_coef: float, has_eval: bool):
     """trl.SFTConfig / trl.DPOConfig: our defaults, then the recipe's pass-through section.
 
@@ -75,6 +89,8 @@ def trainer_args(recipe: Recipe, stage: str, staging: Path, aux_coef: float, has
         # TRL refuses padding_free without packing while max_length is set (it would not truncate);
         # finetune/data.py has applied data.max_length to every row already.
         kwargs["max_length"] = None
+    if recipe.early_stopping:
+        kwargs.update(best_checkpoint_args(recipe.early_stopping, kwargs, section))
     try:
         args = cls(**kwargs)
     except (ValueError, TypeError) as exc:

@@ -27,6 +27,20 @@ def final_losses(log_history: list[dict]) -> dict:
     return out
 
 
+def early_stopping_summary(state, recipe: Recipe) -> dict | None:
+    """Which checkpoint's adapter the run keeps (the Trainer loaded the best one at the end)."""
+    if not recipe.early_stopping:
+        return None
+    best = state.best_model_checkpoint
+    return {
+        "metric": recipe.early_stopping.metric,
+        "best_step": int(Path(best).name.rpartition("-")[2]) if best else None,
+        "best_metric": state.best_metric,
+        "last_step": state.global_step,
+        "stopped_early": state.global_step < state.max_steps,
+    }
+
+
 def print_summary(stage: str, out: Path, metrics: dict) -> None:
     lines = [f"\n{stage.upper()} finished in {metrics['seconds']:.0f}s"]
     groups = metrics["trainable_parameters"]
@@ -39,6 +53,12 @@ def print_summary(stage: str, out: Path, metrics: dict) -> None:
     if losses:
         lines.append("  final: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in losses.items()))
     lines.append(f"  router: {metrics['router_policy']}, aux_loss_coef {metrics['router_aux_loss_coef']}")
+    stop = metrics.get("early_stopping")
+    if stop:
+        how = f"stopped early at step {stop['last_step']}" if stop["stopped_early"] else f"ran all {stop['last_step']} steps"
+        best = (f"adapter from the best checkpoint, step {stop['best_step']} ({stop['metric']} {stop['best_metric']:.4g})"
+                if stop["best_step"] is not None else "no checkpoint was evaluated: adapter of the last step")
+        lines.append(f"  early stopping: {how}; {best}")
     if metrics.get("dropped_rows"):
         lines.append(f"  dropped rows: {metrics['dropped_rows']}")
     lines.append(f"  outputs: {out}")
@@ -104,6 +124,7 @@ def train_and_save(stage: str, trainer, tokenizer, rundir: rundirs.RunDir, recip
         "router_aux_loss_coef": recipe.router.aux_loss_coef,
         "resumed_from": str(rundir.resume_from.name) if rundir.resume_from else None,
         **extra_metrics,
+        "early_stopping": early_stopping_summary(trainer.state, recipe),
         "final": final_losses(trainer.state.log_history),
         "log_history": trainer.state.log_history,
     }

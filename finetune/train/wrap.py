@@ -1,7 +1,7 @@
 """After the trainer is built: the LoRA wrap checked, the fast expert path switched on, routing metrics attached.
 
     finetune sft RECIPE      # stages/sft.py and stages/dpo.py call these in order
-Layer: train; imports lora, routing (sibling), distributed, runs.
+Layer: train; imports lora, routing (sibling), distributed, runs, recipe.
 """
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ from transformers import set_seed
 from finetune import distributed
 from finetune.lora.fast_experts import enable_fast_expert_lora
 from finetune.lora.targets import Targets, check_wrapped, trainable_by_group
+from finetune.recipe import Recipe
 from finetune.routing.callback import add_routing_metrics
 from finetune.runs import staging as rundirs
+from finetune.train import console, loggers, samples
 
 log = logging.getLogger("finetune")
 
@@ -56,3 +58,18 @@ def attach_routing_metrics(trainer, rundir: rundirs.RunDir) -> None:
     baseline is kept in the staging directory, so a resumed run compares with its true start.
     """
     add_routing_metrics(trainer, baseline_dir=rundir.staging)
+
+
+def attach_watchers(trainer, recipe: Recipe, rundir: rundirs.RunDir, tokenizer) -> None:
+    """What a person watches: the console line (console.py), the loggers pointed at <run>/logs
+    (loggers.py), sample answers (samples.py) and early stopping (transformers' EarlyStoppingCallback;
+    trainer_args asked for the best checkpoint to be tracked and loaded at the end)."""
+    from transformers import EarlyStoppingCallback  # beside the Trainer, which the stages have loaded
+
+    console.install(trainer)
+    loggers.configure(trainer, rundir.staging, rundir.resume_from)
+    samples.install(trainer, recipe.samples, recipe.data.eval, tokenizer, rundir.staging)
+    if recipe.early_stopping:
+        stop = recipe.early_stopping
+        trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=stop.patience,
+                                                   early_stopping_threshold=stop.threshold))

@@ -6,7 +6,8 @@ tree built on the meta device (no weights: instant even for Mixtral-8x7B), route
 dense model, the `sft:`/`dpo:` pass-through keys against trl.SFTConfig/DPOConfig (names, value
 types read from TRL's dataclass, ranges training would reject, then the config itself is
 built, which costs milliseconds), settings that cannot run here (fp16 without a GPU), eval
-settings without eval data, and an eval split that leaves less than one batch of training rows
+settings without eval data, loggers that are not installed, samples and early stopping
+(watching.py), and an eval split that leaves less than one batch of training rows
 (counted cheaply in local files). All problems are collected and raised together.
 
     finetune validate recipes/mixtral-8x7b/sft.yaml
@@ -29,6 +30,7 @@ from finetune.lora.targets import Targets, resolve_targets
 from finetune.qlora.checks import parameter_target_problems, recipe_problems
 from finetune.recipe import Recipe
 from finetune.validate.passthrough import check_eval_and_split, check_passthrough, check_trainer_config
+from finetune.validate.watching import check_watching
 
 
 @dataclass
@@ -98,6 +100,7 @@ def check(recipe: Recipe, stage: str | None = None) -> Checked:
     problems: list[Problem] = list(recipe.problems)
     _check_stage_sections(recipe, stage, problems)
     check_passthrough(recipe, stage, problems)
+    check_watching(recipe, stage, problems)  # loggers, samples, early stopping
     passthrough_ok = not any(p.where.split(".")[0] == stage for p in problems)
     if passthrough_ok and isinstance(recipe.data.eval, list):
         check_eval_and_split(recipe, stage, problems)

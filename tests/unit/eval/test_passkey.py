@@ -92,11 +92,15 @@ def test_grid_scores_cells_and_reports_lengths_beyond_the_context(tiny_mixtral, 
 
 def test_eval_cli_passkey_on_a_real_model_writes_the_grid(tiny_mixtral, tmp_path, capsys):
     out = tmp_path / "reports"
+    figures = tmp_path / "figures" / "eval.json"  # --output: every figure in one JSON (it was ignored with --passkey)
     code = main(["-q", "eval", str(tiny_mixtral), "--passkey", "--lengths", "180,1k", "--depths", "0,1",
-                 "--trials", "1", "--report-dir", str(out), "--device", "cpu"])
+                 "--trials", "1", "--report-dir", str(out), "--device", "cpu", "--output", str(figures)])
     assert code == 0
     grid = json.loads((out / "passkey.json").read_text())
     assert grid["lengths"] == [180, 1024] and [c["n"] for c in grid["cells"]] == [1, 1, 0, 0]
+    written = json.loads(figures.read_text())
+    assert written["model"] == str(tiny_mixtral) and written["results"] == {}
+    assert written["passkey"] == {k: v for k, v in grid.items() if k != "model"}
     assert (out / "passkey.png").is_file() and "beyond context" in capsys.readouterr().out
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, recipe_file, sft_recipe
+from conftest import REPO, assume_tensorboard, recipe_file, sft_recipe
 
 from finetune.cli import main
 from finetune.errors import UserError
@@ -29,6 +29,7 @@ def problems_of(path: Path, stage=None) -> list[str]:
 @pytest.mark.parametrize("path", SHIPPED_SFT, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_shipped_sft_recipes_validate(path, monkeypatch):
     monkeypatch.chdir(REPO)
+    assume_tensorboard(monkeypatch)
     checked = check(read_recipe(path.relative_to(REPO)))
     assert checked.stage == "sft" and checked.moe
     assert set(checked.targets.groups) == {"attention", "experts"}
@@ -38,6 +39,7 @@ def test_shipped_sft_recipes_validate(path, monkeypatch):
 def test_shipped_dpo_recipes_validate(path, tmp_path, monkeypatch):
     """A DPO recipe is checked against the SFT run it names; stand one up from the shipped SFT recipe."""
     monkeypatch.chdir(REPO)
+    assume_tensorboard(monkeypatch)
     twin = path.parent / path.name.replace("dpo", "sft")
     sft = read_recipe(twin)
     run = tmp_path / "sft-run"

@@ -1,0 +1,113 @@
+"""What watches a run, checked before anything loads: loggers, samples, early stopping; the console
+line; every command-line option used."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import re
+
+import pytest
+from conftest import REPO, recipe_file, sft_recipe
+
+from finetune import cli
+from finetune.errors import UserError
+from finetune.recipe import read_recipe
+from finetune.train import console
+from finetune.train.args import trainer_args
+from finetune.validate import check
+
+
+def problems(tmp_path, model, data, **extra) -> list[str]:
+    with pytest.raises(UserError) as info:
+        check(read_recipe(recipe_file(tmp_path, **sft_recipe(tmp_path, model, data, **extra))))
+    return [str(p) for p in info.value.problems]
+
+
+def test_unknown_logger_with_did_you_mean_and_all_refused(tmp_path, tiny_mixtral, sft_file):
+    found = problems(tmp_path, tiny_mixtral, sft_file, sft={"report_to": ["tensorbord", "all"]})
+    assert any("sft.report_to: `tensorbord` is not a logger" in p and "did you mean `tensorboard`" in p for p in found)
+    assert any("sft.report_to: `all`" in p for p in found)
+
+
+@pytest.mark.parametrize("name", ["tensorboard", "wandb", "mlflow", "trackio"])
+def test_logger_not_installed_names_the_extra(tmp_path, tiny_mixtral, sft_file, monkeypatch, name):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda mod, *a: None if mod == name else real(mod, *a))
+    found = problems(tmp_path, tiny_mixtral, sft_file, sft={"report_to": name})
+    assert found == [f"sft.report_to: {name} is not installed: pip install 'finetune[{name}]' "
+                     f"(or pip install -e '.[{name}]' in a checkout), or remove it from report_to"]
+
+
+def test_shipped_mixtral_recipe_fails_in_validate_without_tensorboard(monkeypatch):
+    """The issue's first failure: the model loaded, then the Trainer raised. Now validate says it."""
+    monkeypatch.chdir(REPO)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda mod, *a: None if mod == "tensorboard" else real(mod, *a))
+    with pytest.raises(UserError) as info:
+        check(read_recipe("recipes/mixtral-8x7b/sft.yaml"))
+    assert [str(p) for p in info.value.problems] == [
+        "sft.report_to: tensorboard is not installed: pip install 'finetune[tensorboard]' "
+        "(or pip install -e '.[tensorboard]' in a checkout), or remove it from report_to"]
+
+
+def test_samples_and_early_stopping_bad_input(tmp_path, tiny_mixtral, sft_file):
+    found = problems(tmp_path, tiny_mixtral, sft_file, samples={"every": 0, "max_new_tokens": 0},
+                     early_stopping={"metric": "eval_loss", "patience": 0, "mode": "lowest"})
+    assert "samples.every: must be at least 1, got 0" in found
+    assert "samples.max_new_tokens: must be at least 1, got 0" in found
+    assert any(p.startswith("samples.prompts: a count (4) takes the first rows of data.eval") for p in found)
+    assert any(p.startswith("early_stopping.metric: `eval_loss` is never logged: there is no eval data") for p in found)
+    assert "early_stopping.patience: must be at least 1, got 0" in found
+    assert any(p.startswith("early_stopping.mode: `lowest` is not one of auto, min, max") for p in found)
+    found = problems(tmp_path, tiny_mixtral, sft_file, samples={"prompts": str(tmp_path / "missing.jsonl")})
+    assert found == [f"samples.prompts: file not found: {tmp_path / 'missing.jsonl'} (relative to {tmp_path.cwd()})"]
+    found = problems(tmp_path, tiny_mixtral, sft_file, samples={"prompts": 2.5})
+    assert found == ["samples.prompts: expected int or str, got 2.5"]
+
+
+def test_early_stopping_evaluates_with_each_checkpoint(tmp_path, tiny_mixtral, sft_file):
+    raw = sft_recipe(tmp_path, tiny_mixtral, sft_file, sft={"save_steps": 7}, early_stopping={"metric": "rewards/accuracies"})
+    raw["data"]["eval"] = [str(sft_file)]
+    recipe = read_recipe(recipe_file(tmp_path, **raw))
+    check(recipe)
+    args = trainer_args(recipe, "sft", tmp_path, 0.0, True)
+    assert args.load_best_model_at_end and args.metric_for_best_model == "eval_rewards/accuracies"
+    assert args.greater_is_better and args.eval_strategy == "steps" and args.eval_steps == 7
+
+
+def test_console_line_is_compact():
+    logs = {"loss": 1.23456, "learning_rate": 1.9e-4, "grad_norm": 0.871, "aux_loss": 0.01234,
+            **{f"routing/layer{i}/imbalance": 1.0 for i in range(32)}, "routing/imbalance_max": 1.2}
+    line = console.train_line(10, 120, logs, 1234.4, 192.0)
+    assert line == "step 10/120  loss 1.2346  lr 1.90e-04  grad 0.871  aux 0.01234  1,234 tok/s  ETA 3m12s"
+    assert console.eval_line(10, 120, {"eval_loss": 2.5, "eval_runtime": 3.0}) == "eval at step 10/120: loss 2.5"
+
+
+def test_warnings_say_their_rank_and_info_is_rank_zero_only(monkeypatch):
+    record = logging.LogRecord("finetune", logging.WARNING, __file__, 1, "dropped %d rows", (3,), None)
+    assert cli._RankFormatter(1).format(record).startswith("[rank 1] ")
+    record.levelno = logging.INFO
+    assert not cli._RankFormatter(1).format(record).startswith("[rank")
+
+
+def _uses(source: str, dest: str) -> bool:
+    return re.search(rf"\bargs\.{dest}\b", source) is not None
+
+
+def test_every_command_line_option_is_used():
+    """Each option of each command is read somewhere in the package (an option nobody reads is
+    silently ignored, as `eval --passkey --output` was)."""
+    source = "\n".join(p.read_text(encoding="utf-8") for p in (REPO / "finetune").rglob("*.py"))
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    walked, unused = 0, []
+    for command, p in [("", parser), *sub.choices.items()]:
+        for action in p._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            walked += 1
+            if not _uses(source, action.dest):
+                unused.append(f"{command} {action.option_strings or action.dest}")
+    assert walked > 40 and not unused, f"options read nowhere: {unused}"
