@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from finetune import hub
 from finetune.errors import UserError
 
 LOCAL_SUFFIXES = {".jsonl", ".json", ".parquet"}
@@ -112,6 +113,7 @@ def _read_hub(source: str) -> list[Row]:
     )
 
     name, _, split = source.partition(":")
+    hub.check_reachable(name, "dataset", f"data: {source}")  # seconds, not ~30 s of retries
     try:
         table = load_dataset(name, split=split or "train")
     except Exception as exc:  # datasets raises many types for "not found / offline"

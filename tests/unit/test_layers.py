@@ -23,7 +23,7 @@ LAYERS = [
     ["load"],
     ["qlora"],
     ["lora"],
-    ["modeling", "moe", "data", "datafiles", "runs", "distributed", "guards"],
+    ["modeling", "moe", "data", "datafiles", "hub", "runs", "distributed", "guards"],
     ["recipe"],
     ["errors"],
 ]
