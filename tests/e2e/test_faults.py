@@ -305,3 +305,32 @@ def test_unreachable_hub_from_the_command_line(tmp_path):
     seconds = time.perf_counter() - started
     assert proc.returncode == 2 and "`some-org/no-such-moe` cannot be fetched" in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and seconds < 60, seconds  # the check itself: < 5 s (test above)
+
+
+# ---- two processes (slow) -----------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [2, "fsdp2"])
+def test_signal_on_one_rank_stops_both_and_resume_matches(tmp_path, tiny_mixtral, sft_file, layout):
+    """SIGTERM reaches rank 1 only, mid-step 3: both ranks save checkpoint-3 (none waits in a
+    collective), the job exits, and --resume under the same launcher gives the uninterrupted bytes."""
+    from test_resume import _command  # the launch commands of the kill -9 tests
+
+    sft = {**STEPS, "per_device_train_batch_size": 2}
+    paths = {name: recipe_file(tmp_path, f"{name}.yaml", **sft_recipe(
+        tmp_path, tiny_mixtral, sft_file, output_dir=str(tmp_path / name), sft=sft)) for name in ("whole", "cut")}
+    done = subprocess.run(_command(layout, paths["whole"]), cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    cut = subprocess.run(_command(layout, paths["cut"]), cwd=tmp_path, capture_output=True, text=True, timeout=900,
+                         env=env(FINETUNE_FAULT_AT="mid_step", FINETUNE_FAULT_STEP="3", FINETUNE_FAULT_RANK="1"))
+    assert cut.returncode != 0, cut.stderr[-3000:]
+    log = cut.stdout + cut.stderr
+    assert "SIGTERM received: finishing this step" in log and log.count("stopped at a step boundary") == 1, log[-3000:]
+    assert "-m finetune -q sft" in log and "--resume" in log
+    checkpoints = tmp_path / ".cut.incomplete" / "checkpoints"
+    assert newest_checkpoint(checkpoints).name == "checkpoint-3" and not (tmp_path / "cut").exists()
+    assert leftovers(tmp_path) == []
+    again = subprocess.run(_command(layout, paths["cut"], "--resume"), cwd=tmp_path, capture_output=True, text=True,
+                           timeout=900, env=env())
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (tmp_path / "cut" / ADAPTER).read_bytes() == (tmp_path / "whole" / ADAPTER).read_bytes()
