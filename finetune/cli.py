@@ -19,11 +19,13 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 import warnings
 from pathlib import Path
 
 from finetune.errors import CheckFailed, UserError
+from finetune.runs import signals
 
 EXIT_USER_ERROR = 2
 
@@ -275,11 +277,37 @@ def dispatch(args) -> int:
     raise AssertionError(args.command)
 
 
+def resume_command(argv: list[str]) -> str:
+    """The command that continues this one: the same arguments, --resume instead of --overwrite."""
+    kept = [a for a in argv if a not in ("--resume", "--overwrite")]
+    command = "finetune " + shlex.join([*kept, "--resume"])
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun / accelerate launch
+        command = f"<the same launcher, e.g. accelerate launch ...> -m {command}"
+    return command
+
+
+def interrupted_message(exc: signals.Interrupted, argv: list[str]) -> str:
+    name = exc.args[0]
+    if exc.finished:
+        return f"{name}: the run had already finished; it is complete at {exc.finished}"
+    if exc.checkpoint:
+        return (f"{name}: stopped at a step boundary and saved checkpoint {exc.checkpoint}\n"
+                f"continue with:\n  {resume_command(argv)}")
+    return (f"{name}: interrupted; the outputs are as they were before (an interrupted run keeps only its "
+            f"complete checkpoints, for --resume)")
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     _configure_logging(args.quiet)
     try:
-        return dispatch(args)
+        with signals.handled():
+            return dispatch(args)
+    except signals.Interrupted as exc:
+        if os.environ.get("RANK", "0") == "0":  # one message per job, not one per rank
+            print(interrupted_message(exc, argv), file=sys.stderr, flush=True)
+        return exc.exit_code
     except UserError as exc:
         print(exc.render(), file=sys.stderr)
         return EXIT_USER_ERROR

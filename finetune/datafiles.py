@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from finetune import hub
 from finetune.errors import UserError
 
 LOCAL_SUFFIXES = {".jsonl", ".json", ".parquet"}
@@ -166,6 +167,7 @@ def load_hub(source: str):
     from datasets import load_dataset  # datasets costs ~1 s to import: only for hub sources
 
     name, _, split = source.partition(":")
+    hub.check_reachable(name, "dataset", f"data: {source}")  # seconds, not ~30 s of retries
     try:
         return load_dataset(name, split=split or "train")
     except Exception as exc:  # datasets raises many types for "not found / offline"

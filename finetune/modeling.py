@@ -18,6 +18,7 @@ from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from finetune import hub
 from finetune.errors import UserError
 from finetune.recipe import ModelSection
 
@@ -89,6 +90,7 @@ def _load_config(section: ModelSection):
             if bundled.is_file():
                 raw = json.loads(bundled.read_text())
                 return AutoConfig.for_model(raw.pop("model_type"), **raw)
+        hub.check_reachable(name, "model", "model.name_or_path")  # seconds, not ~30 s of retries
     try:
         return AutoConfig.from_pretrained(name, **kwargs)
     except StrictDataclassError as exc:  # a field of the wrong type, e.g. num_experts_per_tok: "two"
@@ -141,6 +143,7 @@ def _not_found(name: str) -> str:
 def load_pretrained(section: ModelSection, device_map=None):
     """The base model with real weights in 16/32-bit, in the recipe's dtype and attention kernel.
     (finetune/load.load_model is the one place that chooses between this and the 4-bit loader.)"""
+    hub.check_reachable(section.name_or_path, "model", "model.name_or_path")
     try:
         model = AutoModelForCausalLM.from_pretrained(
             section.name_or_path,
@@ -180,6 +183,7 @@ def broken_safetensors(directory: str) -> Path | None:
 
 def load_tokenizer(section: ModelSection):
     """The tokenizer, with the recipe's chat template if it names one, and a pad token."""
+    hub.check_reachable(section.name_or_path, "model", "model.name_or_path")
     try:
         tokenizer = AutoTokenizer.from_pretrained(section.name_or_path, trust_remote_code=section.trust_remote_code)
     except (OSError, ValueError) as exc:

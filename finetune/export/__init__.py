@@ -35,6 +35,7 @@ from finetune.export.model_card import write_model_card
 from finetune.export.nf4_check import check_against_4bit, probe_logits
 from finetune.export.tokenizer_files import save_tokenizer
 from finetune.recipe import ModelSection
+from finetune.runs import diskspace, faults, lock, signals
 from finetune.runs.outputs import check_destination, swap_into_place
 
 log = logging.getLogger("finetune")
@@ -128,9 +129,25 @@ def export(run_dir: str, output: str, dtype: str = "bfloat16", max_shard_size: s
     base_dir = shards.checkpoint_dir(run.recipe.model.name_or_path)
     adapter_dirs = runs.adapter_dirs(run)
     tokenizer = modeling.load_tokenizer(ModelSection(name_or_path=str(run.path)))
-    output.parent.mkdir(parents=True, exist_ok=True)  # only now: every check on the inputs has passed
     torch_dtype = modeling.DTYPES[dtype]
+    needed = shards.planned_bytes(base_dir, torch_dtype)
+    diskspace.require(output.parent, needed, "the export", "free space there or choose another --output")
+    output.parent.mkdir(parents=True, exist_ok=True)  # only now: every check on the inputs has passed
+    held = lock.acquire(output, "--output", overwrite, "--overwrite")
+    try:
+        return _export(run, output, base_dir, adapter_dirs, tokenizer, dtype, torch_dtype, max_shard_size,
+                       forward_check, progress, started)
+    except Exception as exc:  # the temporary directory is gone already (_export's finally)
+        if diskspace.is_full(exc):  # another process filled the disk after the check
+            raise diskspace.full_error(output.parent, "the export", needed, diskspace.free_bytes(output.parent)[1],
+                                       "free space there or choose another --output") from None
+        raise
+    finally:
+        lock.release(held)
 
+
+def _export(run, output, base_dir, adapter_dirs, tokenizer, dtype, torch_dtype, max_shard_size, forward_check,
+            progress, started) -> Path:
     tmp = _make_tmp(output)
     try:
         config = merge.load_config(base_dir)
@@ -139,6 +156,7 @@ def export(run_dir: str, output: str, dtype: str = "bfloat16", max_shard_size: s
         merged = merge.merge_checkpoint(base_dir, adapters, tmp, torch_dtype, max_shard_size,
                                         reference=verify.peft_reference(adapters), progress=progress)
         del adapters
+        faults.point("export")  # test-only: a signal with the shards half verified
         verify.check_files(tmp, merged["digests"])
         _save_config(config, torch_dtype, tmp)
         tokenizer_info = save_tokenizer(tokenizer, tmp)
@@ -163,7 +181,8 @@ def export(run_dir: str, output: str, dtype: str = "bfloat16", max_shard_size: s
             del reloaded
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         write_model_card(tmp, output.name, run, manifest)
-        swap_into_place(tmp, output)
+        with signals.deferred(finished=str(output)):  # the old export stays until the new one is in place
+            swap_into_place(tmp, output)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -98,6 +98,13 @@ def group_into_shards(entries: list[tuple[str, tuple, torch.dtype]], max_bytes: 
     return shards
 
 
+def planned_bytes(base_dir: Path, dtype: torch.dtype) -> int:
+    """Bytes of the merged shards an export writes: every base tensor, floating ones in `dtype`
+    (from the headers alone; the merge keeps the base's keys and shapes)."""
+    specs = tensor_specs(shard_files(base_dir))
+    return sum(_nbytes(shape, dtype if d.is_floating_point else d) for _, shape, d in specs.values())
+
+
 def shard_names(count: int) -> list[str]:
     if count == 1:
         return ["model.safetensors"]

@@ -29,8 +29,8 @@ from pathlib import Path
 import yaml
 
 from finetune.errors import Problem, UserError
-from finetune.runs.outputs import staging_dir
 from finetune.recipe import Recipe, recipe_from_dict, recipe_to_dict
+from finetune.runs.outputs import staging_dir
 
 ADAPTER_FILE = "adapter_model.safetensors"
 STAGES = ("sft", "dpo")

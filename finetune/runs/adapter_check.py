@@ -12,16 +12,15 @@ The saved file is then read back from disk and compared tensor by tensor.
 
 from __future__ import annotations
 
-from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
-from finetune import modeling
-from safetensors import SafetensorError
-from safetensors.torch import load_file
-
 import warnings
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
+from finetune import modeling
 from finetune.errors import CheckFailed
 
 

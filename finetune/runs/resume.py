@@ -21,6 +21,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from finetune.runs import faults
+
 log = logging.getLogger("finetune")
 
 TOTALS = "finetune_totals.json"
@@ -94,6 +96,7 @@ class RunTotalsCallback(TrainerCallback):
         return self.seconds_before + time.perf_counter() - self.started
 
     def on_save(self, args, state, control, **kwargs):
+        faults.point("save", state.global_step)  # test-only: a signal while this checkpoint is half written
         if not state.is_world_process_zero:
             return
         t = self.trainer

@@ -4,9 +4,10 @@
 
 `reserve` runs every check on the destination and on an interrupted run's checkpoints before
 anything is created or deleted. Inside `claimed`, the run trains into `<parent>/.<name>.incomplete/`;
-an exception removes that directory again (nothing left behind) unless it holds a complete
-checkpoint that --resume can continue (an out-of-memory error after hours keeps them, and the
-log says so); an interrupt (Ctrl-C, SIGTERM, kill -9) keeps it. `finish` writes the run files,
+an exception or a signal removes that directory again (nothing left behind) unless it holds a
+complete checkpoint that --resume can continue (an out-of-memory error after hours keeps them,
+and the log says so; a signal during training saves one first, finetune/runs/signals.py); kill -9
+keeps whatever was there. `claimed` also holds the output's lock (finetune/runs/lock.py). `finish` writes the run files,
 chain.json last, renames the staging directory into output_dir (the previous finished run is
 moved aside and removed only after that rename) and drops the checkpoints.
 Layer: runs.
@@ -24,10 +25,10 @@ import yaml
 from accelerate import PartialState
 
 from finetune import runs
-from finetune.runs import outputs
 from finetune.errors import CheckFailed, UserError
 from finetune.recipe import Recipe, recipe_to_dict
-from finetune.runs.resume import newest_checkpoint
+from finetune.runs import faults, lock, outputs, signals
+from finetune.runs.resume import incomplete_reason, newest_checkpoint
 
 log = logging.getLogger("finetune")
 
@@ -40,6 +41,8 @@ class RunDir:
     out: Path
     staging: Path
     resume_from: Path | None = None
+    takeover: bool = False
+    """--resume or --overwrite given: a stale lock of this host may be taken over (runs/lock.py)."""
 
 
 def staging_for(recipe: Recipe) -> Path:
@@ -74,6 +77,8 @@ def reserve(recipe: Recipe, overwrite: bool, resume: bool) -> RunDir:
     """Where the run goes and what it resumes from; a UserError, with nothing touched, if it may not."""
     out = outputs.check_destination(recipe.output_dir, "run", overwrite, _protected(recipe))
     staging = outputs.staging_dir(out)
+    if _main_process():  # another writer first: its staging directory is not ours to judge
+        lock.check(out, "output_dir", overwrite or resume, "--resume or --overwrite")
     if staging.exists() and not ((staging / outputs.MARKER).is_file() or outputs.is_finished_run(staging)):
         raise UserError(f"{staging} exists and was not made by this project; move it away, or choose another output_dir")
     ckpt = newest_checkpoint(staging / "checkpoints") if staging.is_dir() else None
@@ -92,7 +97,7 @@ def reserve(recipe: Recipe, overwrite: bool, resume: bool) -> RunDir:
         # --overwrite does not discard hours of training silently: the user picks.
         raise UserError(f"an interrupted run of {out} left checkpoint {ckpt}; pass --resume to continue it, "
                         f"or delete {staging} to start fresh")
-    return RunDir(out=out, staging=staging, resume_from=ckpt)
+    return RunDir(out=out, staging=staging, resume_from=ckpt, takeover=overwrite or resume)
 
 
 def _main_process() -> bool:
@@ -119,21 +124,32 @@ def discard(rundir: RunDir, exc: BaseException) -> None:
         return
     ckpt = None if isinstance(exc, CheckFailed) else newest_checkpoint(rundir.staging / "checkpoints")
     if ckpt is not None:
-        log.warning("the run failed; checkpoint %s is kept: fix the cause and continue with --resume, "
-                    "or delete %s", ckpt, rundir.staging)
+        for half in (rundir.staging / "checkpoints").glob("checkpoint-*"):
+            if half.is_dir() and incomplete_reason(half) is not None:  # e.g. a save cut by a full disk
+                shutil.rmtree(half, ignore_errors=True)
+        if not isinstance(exc, signals.Interrupted):
+            log.warning("the run failed; checkpoint %s is kept: fix the cause and continue with --resume, "
+                        "or delete %s", ckpt, rundir.staging)
         return
     shutil.rmtree(rundir.staging, ignore_errors=True)
 
 
 @contextmanager
 def claimed(rundir: RunDir, recipe: Recipe):
-    claim(rundir, recipe)
+    """Lock the output (main process), claim the staging directory; on any failure or interrupt keep
+    only what --resume can continue (complete checkpoints), then release the lock."""
+    held = (lock.acquire(rundir.out, "output_dir", rundir.takeover, "--resume or --overwrite")
+            if _main_process() else None)
     try:
-        yield rundir
-    except Exception as exc:  # interrupts (KeyboardInterrupt, SystemExit) keep the checkpoints
-        if _main_process():
-            discard(rundir, exc)
-        raise
+        claim(rundir, recipe)
+        try:
+            yield rundir
+        except BaseException as exc:  # signals and Ctrl-C too: complete checkpoints stay, the rest goes
+            if _main_process():
+                discard(rundir, exc)
+            raise
+    finally:
+        lock.release(held)
 
 
 def finish(rundir: RunDir, recipe: Recipe, stage: str, parent_chain: list[dict], metrics: dict) -> None:
@@ -144,6 +160,9 @@ def finish(rundir: RunDir, recipe: Recipe, stage: str, parent_chain: list[dict],
     runs.write_run_files(staging, out, recipe, chain, metrics)
     for name in (outputs.MARKER, START_RECIPE, *[p.name for p in staging.glob("routing_baseline_*.pt")]):
         (staging / name).unlink(missing_ok=True)
-    outputs.swap_into_place(staging, out)
-    # After the swap: a kill here leaves a finished run with a spare checkpoints folder, never no run.
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    # A signal here waits until the run is in place (signals.deferred), then ends the command.
+    with signals.deferred(finished=str(out)):
+        faults.point("swap")
+        outputs.swap_into_place(staging, out)
+        # After the swap: a kill here leaves a finished run with a spare checkpoints folder, never no run.
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)

@@ -26,7 +26,7 @@ from finetune.load.chain import load_chain
 from finetune.lora.targets import lora_config
 from finetune.qlora import stacked
 from finetune.recipe import ModelSection, Recipe
-from finetune.runs import staging
+from finetune.runs import faults, staging
 from finetune.train import args as train_args
 from finetune.train import save, wrap
 from finetune.validate.resolve import resolved_recipe
@@ -87,6 +87,7 @@ def run_dpo(recipe: Recipe, overwrite: bool = False, callbacks=(), resume: bool 
     recipe.from_run = str(parent.path)
     aux_coef = recipe.router.aux_loss_coef
     inputs = prepare_inputs(recipe, aux_coef, parent)  # trainer_args inside refuses a bad launch too
+    faults.point("data")  # test-only: a signal after data preparation, before anything is written
     rundir = staging.reserve(recipe, overwrite, resume)
     model = load_start(parent, checked)  # checks every adapter of the chain against its sha256 first
 

@@ -19,7 +19,7 @@ from finetune.guards import NonFiniteGuard
 from finetune.load import load_model
 from finetune.lora.targets import lora_config
 from finetune.recipe import Recipe
-from finetune.runs import staging
+from finetune.runs import faults, staging
 from finetune.train import args as train_args
 from finetune.train import save, wrap
 from finetune.validate.resolve import resolved_recipe
@@ -37,6 +37,7 @@ def run_sft(recipe: Recipe, overwrite: bool = False, callbacks=(), resume: bool 
     # trainer settings first: they set up the launch, and then only the main process prepares the data
     args = train_args.trainer_args(recipe, "sft", staging.staging_for(recipe), aux_coef, wants_eval(recipe.data))
     train, eval_ds, report = build_datasets(recipe.data, tokenizer, "sft", recipe.seed, args.dataset_num_proc)
+    faults.point("data")  # test-only: a signal after data preparation, before anything is written
     rundir = staging.reserve(recipe, overwrite, resume)
 
     # under FSDP2 with cpu_ram_efficient_loading only rank 0 reads the weights (finetune/distributed.py)

@@ -11,10 +11,12 @@ from pathlib import Path
 
 from finetune import distributed
 from finetune.recipe import Recipe
+from finetune.runs import diskspace, signals
 from finetune.runs import staging as rundirs
 from finetune.runs.adapter_card import write_adapter_card
 from finetune.runs.adapter_check import check_saved_adapter
-from finetune.runs.resume import RunTotalsCallback
+from finetune.runs.resume import RunTotalsCallback, newest_checkpoint
+from finetune.train.preempt import PreemptionCallback
 from finetune.train.tokens import TokenCounter
 
 
@@ -94,15 +96,41 @@ def train_and_save(stage: str, trainer, tokenizer, rundir: rundirs.RunDir, recip
     trainer.add_callback(totals)
     fed = TokenCounter()  # padding-free batches feed none; padded ones show what they waste
     trainer.add_callback(fed)
+    checkpoints = Path(trainer.args.output_dir)
+    fix = "free space there (or point output_dir elsewhere) and continue with --resume"
+    preempt = PreemptionCallback(disk_check=lambda: diskspace.shortfall(
+        checkpoints, diskspace.checkpoint_bytes(trainer.model, trainer.optimizer), "the next checkpoint", fix))
+    trainer.add_callback(preempt)
     if rundir.resume_from is not None:
         totals.restore(rundir.resume_from)
     with Timer() as timer:
-        trainer.train(resume_from_checkpoint=str(rundir.resume_from) if rundir.resume_from else None)
+        try:
+            trainer.train(resume_from_checkpoint=str(rundir.resume_from) if rundir.resume_from else None)
+        except Exception as exc:
+            if diskspace.is_full(exc):  # another process filled the disk after the check
+                raise diskspace.full_error(checkpoints, "a checkpoint", None, diskspace.free_bytes(checkpoints)[1], fix) from None
+            raise
+    if preempt.signum is not None:
+        signals.take_pending()
+        raise signals.Interrupted(preempt.signum, checkpoint=str(newest_checkpoint(checkpoints)))
     totals.fix_train_loss(trainer.state)
     distributed.log_peak_memory(trainer)
     state = model_state_for_save(trainer)  # on every rank: gathering sharded weights needs them all
     if not trainer.is_world_process_zero():
         return None
+    staging = rundir.staging
+    try:
+        return _save_run(stage, trainer, tokenizer, rundir, recipe, checked, counts, report, parent_chain, state,
+                         timer, totals, fed, extra_metrics)
+    except Exception as exc:  # safetensors reports a full disk as a SafetensorError
+        if diskspace.is_full(exc):
+            raise diskspace.full_error(staging, "the finished run", None, diskspace.free_bytes(staging)[1],
+                                       "free space there and continue with --resume") from None
+        raise
+
+
+def _save_run(stage, trainer, tokenizer, rundir, recipe, checked, counts, report, parent_chain, state, timer, totals,
+              fed, extra_metrics) -> Path:
     staging = rundir.staging
     # only the trained adapter: a 4-bit DPO run also holds the frozen SFT adapter as `ref`
     trainer.model.save_pretrained(staging, state_dict=state, selected_adapters=["default"])
