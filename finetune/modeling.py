@@ -110,7 +110,7 @@ def text_config(config):
 
 def is_moe(config) -> bool:
     cfg = text_config(config)
-    return any(getattr(cfg, k, None) for k in ("num_local_experts", "num_experts"))
+    return any(getattr(cfg, k, None) for k in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"))
 
 
 def meta_model(config, trust_remote_code: bool = False):

@@ -16,6 +16,8 @@ import logging
 import warnings
 
 from peft import PeftModel
+
+import finetune.lora  # noqa: F401  (installs the PEFT target fix before adapters load: lora/peft_compat.py)
 from safetensors import SafetensorError
 
 from finetune import modeling, runs
