@@ -78,7 +78,7 @@ def recipe(tmp: Path, model: Path, stage: str, policy: str = "freeze", steps: in
         "data": {"train": [str(DATA / ("sft.jsonl" if stage == "sft" else "preference.jsonl"))], "max_length": 224},
         "lora": {"attention": {"r": 4, "alpha": 8}, "experts": {"r": 4, "alpha": 8}},
         "router": {"policy": policy},
-        stage: {"learning_rate": 5e-2, "max_steps": steps, "per_device_train_batch_size": 2, "logging_steps": 1,
+        stage: {"learning_rate": 5e-2, "max_steps": steps, "per_device_train_batch_size": 8 if stage == "sft" else 2, "logging_steps": 1,
                 "save_strategy": "no", "report_to": "none"},
     }
     if stage == "sft":
@@ -119,7 +119,9 @@ def run_type(model_type: str, tmp: Path) -> dict[str, str]:
         except Failed as exc:
             cells[column] = str(exc)
         except Exception as exc:  # the matrix records any crash as the cell's reason
-            cells[column] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+            problems = getattr(exc, "problems", None)
+            text = "; ".join(map(str, problems)) if problems else (str(exc).splitlines()[0] if str(exc) else "")
+            cells[column] = f"{type(exc).__name__}: {text[:300]}"
             logging.getLogger("support_matrix").debug("%s", traceback.format_exc())
         return None
 
@@ -246,7 +248,7 @@ def main(argv=None) -> int:
     parser.add_argument("--curated", action="store_true")
     parser.add_argument("--out", default=str(MATRIX))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    logging.basicConfig(level=logging.DEBUG if "SUPPORT_MATRIX_DEBUG" in __import__("os").environ else logging.WARNING)
     all_types = tiny_configs.fused_expert_types()
     wanted = args.types or ([t for t in CURATED if t in all_types] if args.curated else list(all_types))
     out = Path(args.out)

@@ -82,6 +82,8 @@ def tiny_config(model_type: str):
     for key, value in WINDOWS.items():
         if getattr(config, key, None) is not None:
             setattr(config, key, value)
+    if getattr(config, "qk_rope_head_dim", None):
+        config.head_dim = config.qk_rope_head_dim  # MLA: the rotary embedding is sized by head_dim
     dense_first = getattr(config, "first_k_dense_replace", None)
     layers = LAYERS + (1 if dense_first else 0)
     if dense_first:
@@ -101,6 +103,9 @@ def tiny_config(model_type: str):
         value = getattr(config, key, None)
         if isinstance(value, list) and value:
             setattr(config, key, (value * layers)[:layers])
+    per_layer = getattr(config, "per_layer_config", None)
+    if isinstance(per_layer, dict):  # Gemma-4: overrides keyed by layer index, cut to the new depth
+        config.per_layer_config = {k: v for k, v in per_layer.items() if int(k) < layers}
     if getattr(config, "decoder_sparse_step", None):
         config.decoder_sparse_step = 1
     if hasattr(config, "interleave_moe_layer_step"):

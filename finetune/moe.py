@@ -4,8 +4,8 @@
 
 One rule serves training (LoRA targets, router policies), routing capture, ZeRO-3 leaf modules
 and 4-bit loading, so they can never disagree about what a router is:
-- fused experts: a transformers `@use_experts_implementation` module (it has `has_gate` and
-  `_apply_gate`) holding 3-D expert weights (`gate_up_proj` or `up_proj`, and `down_proj`);
+- fused experts: a module holding 3-D expert weights (a transformers `@use_experts_implementation`
+  module, or Llama-4's text experts): `gate_up_proj` or `up_proj`, and `down_proj`;
 - an MoE block: a module with an `experts` child;
 - its router: the block's child (whatever its attribute name: Mixtral's `gate`, gpt-oss's
   `router`) whose weight (or its one Linear's, Gemma-4's `router.proj`) is 2-D with one row per
@@ -49,13 +49,18 @@ def unwrap(module: nn.Module) -> nn.Module:
 
 
 def expert_weight_names(experts: nn.Module) -> list[str]:
-    return ["gate_up_proj" if experts.has_gate else "up_proj", "down_proj"]
+    has_gate = getattr(experts, "has_gate", isinstance(getattr(experts, "gate_up_proj", None), nn.Parameter))
+    return ["gate_up_proj" if has_gate else "up_proj", "down_proj"]
 
 
 def is_fused_expert_weight(module: nn.Module, name: str) -> bool:
-    """`name` is a fused 3-D expert weight of a transformers experts module (also on the meta device)."""
-    return (hasattr(module, "has_gate") and hasattr(module, "_apply_gate") and name in expert_weight_names(module)
-            and isinstance(getattr(module, name, None), nn.Parameter) and len(shape_of(getattr(module, name))) == 3)
+    """`name` is a fused 3-D expert weight of an experts module (also on the meta device): a
+    transformers `@use_experts_implementation` module, or one holding the same 3-D parameters
+    without it (Llama-4's text experts)."""
+    if name not in ("gate_up_proj", "up_proj", "down_proj") or name not in expert_weight_names(module):
+        return False
+    weights = [getattr(module, n, None) for n in expert_weight_names(module)]
+    return all(isinstance(w, nn.Parameter) and len(shape_of(w)) == 3 for w in weights)
 
 
 def experts_modules(model: nn.Module) -> list[nn.Module]:
