@@ -103,3 +103,23 @@ def test_trainable_count_from_shapes_equals_peft(make, policy):
     wrapped = get_peft_model(build(config, meta=False), lora_config(targets))
     assert trainable_by_group(wrapped, targets) == expected
     assert set(expected) == set(targets.groups) | {"router"}
+
+
+def test_export_delta_of_square_in_out_experts_matches_peft():
+    """gpt-oss stores experts (E, in, out); with in == out the shapes cannot tell the orientation,
+    so export follows PEFT's own flag (a transposed delta once failed the export check by 0.91)."""
+    from peft import LoraConfig
+    from peft.tuners.lora.layer import ParamWrapper
+
+    from finetune.export.deltas import Term
+
+    config = gpt_oss()
+    config.intermediate_size = config.hidden_size  # down_proj (E, 32, 32): square
+    model = get_peft_model(build(config, meta=False), LoraConfig(r=2, target_parameters=["experts.down_proj"]))
+    module = next(m for m in model.modules() if isinstance(m, ParamWrapper))
+    torch.nn.init.normal_(module.lora_B["default"].weight)
+    shape = tuple(module.get_param().shape)
+    assert shape[1] == shape[2]
+    term = Term("add", "p", "m", {"A": module.lora_A["default"].weight.detach(), "B": module.lora_B["default"].weight.detach()},
+                float(module.scaling["default"]), shape, in_out=not module._did_swap_in_out_features)
+    torch.testing.assert_close(term.value(), module.get_delta_weight("default").detach().float())
