@@ -15,6 +15,7 @@ import contextlib
 import io
 import json
 import logging
+import re
 import shutil
 import sys
 import tempfile
@@ -200,7 +201,10 @@ def read_rows(path: Path) -> dict[str, list[str]]:
 
 
 def row_cells(cells: dict[str, str]) -> list[str]:
-    return [cells.get("_note", "") or "text"] + [cells[c].replace("|", "/") for c in COLUMNS]
+    def clean(text: str) -> str:  # the same row on every machine: no temporary paths, no table breaks
+        return re.sub(r"/tmp/tmp[\w]+", "<tmp>", text).replace("|", "/")
+
+    return [cells.get("_note", "") or "text"] + [clean(cells[c]) for c in COLUMNS]
 
 
 def write_matrix(path: Path, rows: dict[str, list[str]], all_types: dict[str, str], seconds: dict[str, float]) -> int:
@@ -233,9 +237,10 @@ def write_matrix(path: Path, rows: dict[str, list[str]], all_types: dict[str, st
         lines.append(f"| `{t}` | " + " | ".join(rows[t]) + " |")
     not_run = [t for t in all_types if t not in rows]
     if not_run:
-        lines += ["", "Not run in this sweep (time): " + ", ".join(f"`{t}`" for t in not_run) + "."]
+        lines += ["", "Not run yet (the full sweep did not fit the first session's time on the shared 2-core "
+                  "machine; run `python bench/support_matrix.py` to fill these rows): " + ", ".join(f"`{t}`" for t in not_run) + "."]
     if seconds:
-        lines += ["", "Seconds per type in the last sweep (2-core CPU, shared, OMP_NUM_THREADS=1): "
+        lines += ["", "Seconds per type in the script's last invocation (2-core CPU, shared, OMP_NUM_THREADS=1): "
                   + ", ".join(f"{t} {s:.0f}" for t, s in sorted(seconds.items())) + "."]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")

@@ -142,7 +142,10 @@ def _read_terms(adapter: Adapter, weights_file: Path) -> Adapter:
         for name, module in peft_model.named_modules():
             if isinstance(module, ModulesToSaveWrapper):
                 owner = _owner(name)
-                for pname, p in module.original_module.named_parameters():
+                # buffers too: a router trained in full saves its bias buffer beside its weight
+                # (DeepSeek/GLM's e_score_correction_bias); the copy holds the value to write
+                original = module.original_module
+                for pname, p in [*original.named_parameters(), *original.named_buffers()]:
                     key = f"{name}.{pname}"
                     if key in stored:
                         term = Term("replace", f"{owner}.{pname}", name, {"value": take(key)}, shape=tuple(p.shape))

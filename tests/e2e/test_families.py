@@ -1,6 +1,6 @@
 """The curated MoE families end to end, regenerated and compared with the committed support matrix.
 
-Slow (several minutes on 2 CPU cores): run with `pytest -m slow tests/e2e/test_families.py`.
+Slow (about 10 minutes on 2 shared CPU cores, measured): run with `pytest -m slow tests/e2e/test_families.py`.
 `python bench/support_matrix.py --curated` is the same sweep; docs/support-matrix.md is its output.
 """
 
@@ -21,20 +21,31 @@ def bench_module():
 
 
 def comparable(cells: list[str]) -> list[str]:
-    """A row without what varies by machine (float differences, seconds): pass/fail and the reasons."""
+    """A row without what varies by machine (float differences): pass/fail and the reasons."""
     return [re.sub(r"max diff [0-9.e+-]+", "max diff", c) for c in cells]
 
 
-@pytest.mark.slow
-def test_curated_families_pass_every_column_and_match_the_committed_matrix(tmp_path):
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory):
     bench = bench_module()
-    committed = bench.read_rows(REPO / "docs" / "support-matrix.md")
     curated = [t for t in bench.CURATED if t in bench.tiny_configs.fused_expert_types()]
     assert {"mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss"} <= set(curated)
-    out = tmp_path / "matrix.md"
+    out = tmp_path_factory.mktemp("matrix") / "matrix.md"
     bench.main(["--types", *curated, "--out", str(out)])
-    regenerated = bench.read_rows(out)
+    return curated, bench.read_rows(out), bench.read_rows(REPO / "docs" / "support-matrix.md")
+
+
+@pytest.mark.slow
+def test_curated_rows_match_the_committed_matrix(rows):
+    curated, regenerated, committed = rows
     for model_type in curated:
-        row = regenerated[model_type]
-        assert all(c.startswith("pass") for c in row[1:]), (model_type, row)
-        assert comparable(row) == comparable(committed[model_type]), model_type
+        assert comparable(regenerated[model_type]) == comparable(committed[model_type]), model_type
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue 19 open: qwen3_5_moe, olmoe, deepseek_v3, llama4 and gemma4 fail a column "
+                                       "(docs/support-matrix.md names each reason)")
+def test_every_curated_family_passes_every_column(rows):
+    curated, regenerated, _ = rows
+    failing = {t: regenerated[t] for t in curated if not all(c.startswith("pass") for c in regenerated[t][1:])}
+    assert not failing, sorted(failing)
