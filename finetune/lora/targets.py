@@ -23,7 +23,13 @@ from peft.tuners.lora.layer import ParamWrapper
 from torch import nn
 
 from finetune.errors import Problem, did_you_mean
-from finetune.moe import LayerParts, expert_weight_names, experts_modules, find_routers, structure
+from finetune.moe import (
+    LayerParts,
+    expert_weight_names,
+    experts_modules,
+    find_routers,
+    structure,
+)
 from finetune.recipe import (
     ATTENTION_TARGETS,
     DENSE_MLP_TARGETS,

@@ -7,14 +7,25 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import get_peft_model
-from transformers import AutoModelForCausalLM, DeepseekV3Config, GptOssConfig, MistralConfig, Qwen2MoeConfig
+from transformers import (
+    AutoModelForCausalLM,
+    DeepseekV3Config,
+    GptOssConfig,
+    MistralConfig,
+    Qwen2MoeConfig,
+)
 
-from finetune.lora.targets import expected_trainable, lora_config, resolve_targets, trainable_by_group
+from finetune.lora.targets import (
+    expected_trainable,
+    lora_config,
+    resolve_targets,
+    trainable_by_group,
+)
 from finetune.moe import find_routers, structure
 from finetune.recipe import LoraGroup, LoraSection, RouterSection
 
-SMALL = dict(vocab_size=64, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-             max_position_embeddings=64)
+SMALL = {"vocab_size": 64, "hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+             "max_position_embeddings": 64}
 
 
 def deepseek_v3():
