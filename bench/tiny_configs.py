@@ -84,6 +84,9 @@ def tiny_config(model_type: str):
             setattr(config, key, value)
     if getattr(config, "qk_rope_head_dim", None):
         config.head_dim = config.qk_rope_head_dim  # MLA: the rotary embedding is sized by head_dim
+    if getattr(config, "kv_lora_rank", None) and hasattr(config, "num_key_value_heads"):
+        # MLA makes one key per head; eager attention repeats keys by heads / kv heads, so they must match
+        config.num_key_value_heads = config.num_attention_heads
     dense_first = getattr(config, "first_k_dense_replace", None)
     layers = LAYERS + (1 if dense_first else 0)
     if dense_first:
