@@ -224,6 +224,9 @@ def dispatch(args) -> int:
             print(warning, file=sys.stderr)
         groups = ", ".join(f"{k} ({', '.join(g.targets)}; r={g.r})" for k, g in checked.targets.groups.items())
         print(f"{args.recipe}: OK ({checked.stage}; LoRA on {groups}; router {checked.targets.router_policy})")
+        if checked.trainable:
+            per_group = ", ".join(f"{k} {v:,}" for k, v in checked.trainable.items())
+            print(f"trainable parameters: {sum(checked.trainable.values()):,} ({per_group})")
         return 0
     if args.command == "plan":
         from finetune.plan.render import (  # torch loads only for the command that needs it

@@ -112,7 +112,7 @@ def text_config(config):
 
 def is_moe(config) -> bool:
     cfg = text_config(config)
-    return any(getattr(cfg, k, None) for k in ("num_local_experts", "num_experts"))
+    return any(getattr(cfg, k, None) for k in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"))
 
 
 def meta_model(config, trust_remote_code: bool = False):
@@ -160,7 +160,20 @@ def load_pretrained(section: ModelSection, device_map=None):
     except (OSError, ValueError) as exc:
         raise UserError(f"model.name_or_path: cannot load weights from `{section.name_or_path}`: "
                         f"{_not_found(section.name_or_path) or exc}") from None
+    alias_expert_count(model.config)
     return model
+
+
+def alias_expert_count(config) -> None:
+    """Let `config.num_experts` read `num_local_experts` where a family names it so (Phi-3.5-MoE,
+    Granite-MoE), as Mixtral's own config does: TRL 1.16's fused forward reads
+    `text_config.num_experts` for the aux loss and raises AttributeError on these families.
+    An alias on the class, like Mixtral's `attribute_map`: nothing is added to a saved config.json."""
+    cfg = text_config(config)
+    cls = type(cfg)
+    if "num_experts" not in cls.attribute_map and isinstance(getattr(cfg, "num_local_experts", None), int) \
+            and "num_experts" not in cfg.__dict__:
+        cls.attribute_map = {**cls.attribute_map, "num_experts": "num_local_experts"}
 
 
 def broken_safetensors(directory: str) -> Path | None:

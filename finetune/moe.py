@@ -4,12 +4,17 @@
 
 One rule serves training (LoRA targets, router policies), routing capture, ZeRO-3 leaf modules
 and 4-bit loading, so they can never disagree about what a router is:
-- fused experts: a transformers `@use_experts_implementation` module (it has `has_gate` and
-  `_apply_gate`) holding 3-D expert weights (`gate_up_proj` or `up_proj`, and `down_proj`);
+- fused experts: a module holding 3-D expert weights (a transformers `@use_experts_implementation`
+  module, or Llama-4's text experts): `gate_up_proj` or `up_proj`, and `down_proj`;
 - an MoE block: a module with an `experts` child;
 - its router: the block's child (whatever its attribute name: Mixtral's `gate`, gpt-oss's
-  `router`) whose weight is 2-D with one row per expert. A shared expert's one-row gate
-  (Qwen2-MoE's `shared_expert_gate`) therefore is not a router.
+  `router`) whose weight (or its one Linear's, Gemma-4's `router.proj`) is 2-D with one row per
+  expert; bias buffers such as DeepSeek's `e_score_correction_bias` ride along. A shared
+  expert's one-row gate (Qwen2-MoE's `shared_expert_gate`) therefore is not a router;
+- the rest of a decoder layer (`structure`): its attention module (a child named or typed
+  attention: `self_attn`, `linear_attn`, MLA) and every Linear under it, whatever their names;
+  shared experts (the block's other children holding Linears, and its one-row gates); dense
+  MLP layers (the MLP of a layer with no MoE block: DeepSeek's `first_k_dense_replace`).
 PEFT wrappers (LoRA layers, modules_to_save copies) are looked through, and a parameter that
 DeepSpeed ZeRO-3 holds partitioned is measured by its `ds_shape`.
 Layer: beside modeling; imports nothing of finetune.
@@ -44,13 +49,18 @@ def unwrap(module: nn.Module) -> nn.Module:
 
 
 def expert_weight_names(experts: nn.Module) -> list[str]:
-    return ["gate_up_proj" if experts.has_gate else "up_proj", "down_proj"]
+    has_gate = getattr(experts, "has_gate", isinstance(getattr(experts, "gate_up_proj", None), nn.Parameter))
+    return ["gate_up_proj" if has_gate else "up_proj", "down_proj"]
 
 
 def is_fused_expert_weight(module: nn.Module, name: str) -> bool:
-    """`name` is a fused 3-D expert weight of a transformers experts module (also on the meta device)."""
-    return (hasattr(module, "has_gate") and hasattr(module, "_apply_gate") and name in expert_weight_names(module)
-            and isinstance(getattr(module, name, None), nn.Parameter) and len(shape_of(getattr(module, name))) == 3)
+    """`name` is a fused 3-D expert weight of an experts module (also on the meta device): a
+    transformers `@use_experts_implementation` module, or one holding the same 3-D parameters
+    without it (Llama-4's text experts)."""
+    if name not in ("gate_up_proj", "up_proj", "down_proj") or name not in expert_weight_names(module):
+        return False
+    weights = [getattr(module, n, None) for n in expert_weight_names(module)]
+    return all(isinstance(w, nn.Parameter) and len(shape_of(w)) == 3 for w in weights)
 
 
 def experts_modules(model: nn.Module) -> list[nn.Module]:
@@ -77,6 +87,8 @@ class Router:
     """Full path of the router module (the outermost PEFT wrapper around it, when wrapped)."""
     module: nn.Module
     """The module at `name` (hook this one: it is what the block calls)."""
+    weight_name: str = "weight"
+    """The 2-D weight, one row per expert, relative to the router module."""
 
     @property
     def block(self) -> str:
@@ -91,12 +103,23 @@ class Router:
         return ".".join(parts[numbers[0] + 1:]) if numbers else self.name
 
 
+def router_weight_name(router: nn.Module, experts: int) -> str | None:
+    """The router's 2-D weight with one row per expert, relative to the router module: `weight`,
+    or `proj.weight` where the router wraps one Linear (Gemma-4)."""
+    router = unwrap(router)
+    candidates = [("weight", getattr(router, "weight", None))]
+    candidates += [(f"{n}.weight", getattr(unwrap(c), "weight", None)) for n, c in router.named_children()]
+    for name, weight in candidates:
+        if isinstance(weight, torch.Tensor) and len(shape_of(weight)) == 2 and shape_of(weight)[0] == experts:
+            return name
+    return None
+
+
 def _router_child(block: nn.Module, experts: int) -> tuple[str, nn.Module] | None:
     for child_name, child in block.named_children():
         if child_name == "experts":
             continue
-        weight = getattr(unwrap(child), "weight", None)
-        if isinstance(weight, torch.Tensor) and len(shape_of(weight)) == 2 and shape_of(weight)[0] == experts:
+        if router_weight_name(child, experts):
             return child_name, child
     return None
 
@@ -115,7 +138,8 @@ def find_routers(model: nn.Module) -> list[Router]:
         child_name, child = hit
         numbers = re.findall(r"(?:^|\.)(\d+)(?:\.|$)", block_name)
         layer = int(numbers[-1]) if numbers else len(found)
-        found.append(Router(layer, f"{block_name}.{child_name}" if block_name else child_name, child))
+        found.append(Router(layer, f"{block_name}.{child_name}" if block_name else child_name, child,
+                            router_weight_name(child, count)))
     return sorted(found, key=lambda r: r.layer)
 
 
@@ -123,3 +147,75 @@ def moe_block_classes(model: nn.Module) -> list[type]:
     """Classes of the sparse MoE blocks (modules holding both experts and a router)."""
     blocks = {r.block for r in find_routers(model)}
     return sorted({type(unwrap(model.get_submodule(b))) for b in blocks}, key=lambda c: c.__name__)
+
+
+ATTENTION_NAME = re.compile(r"attn|attention", re.IGNORECASE)
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, list[nn.Module]]:
+    """(path, layers) of the longest ModuleList: the decoder stack, whatever it is called."""
+    best = ("", [])
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > len(best[1]):
+            best = (name, list(module))
+    return best
+
+
+def _linears(module: nn.Module, prefix: str) -> list[str]:
+    """Paths (under `prefix`) of every nn.Linear in `module`, PEFT wrappers looked through."""
+    out = []
+    for name, child in unwrap(module).named_children():
+        path = f"{prefix}.{name}" if prefix else name
+        inner = unwrap(child)
+        if isinstance(inner, nn.Linear):
+            out.append(path)
+        elif "lora_A" not in name and "modules_to_save" not in name:
+            out.extend(_linears(inner, path))
+    return out
+
+
+@dataclass
+class LayerParts:
+    """One decoder layer's parts, as paths relative to the layer (what PEFT matches on)."""
+
+    attention: list[str]
+    """Every Linear under the layer's attention module(s)."""
+    shared: list[str]
+    """Linears of shared experts (and their one-row gates) of the layer's MoE block."""
+    dense_mlp: list[str]
+    """Linears of the layer's MLP when the layer has no MoE block."""
+    moe: bool
+
+
+def structure(model: nn.Module) -> list[LayerParts]:
+    """Every decoder layer's attention, shared-expert and dense-MLP Linears (see the module docstring)."""
+    stack, layers = decoder_layers(model)
+    routers = {r.block: r for r in find_routers(model)}
+    out = []
+    for i, layer in enumerate(layers):
+        prefix = f"{stack}.{i}"
+        attention, shared, dense = [], [], []
+        block = next((b for b in routers if b == prefix or b.startswith(prefix + ".")), None)
+        block_rel = block[len(prefix) + 1:] if block and block != prefix else ""
+        for name, child in unwrap(layer).named_children():
+            inner = unwrap(child)
+            if ATTENTION_NAME.search(name) or ATTENTION_NAME.search(type(inner).__name__):
+                attention.extend(_linears(inner, name))
+            elif block is not None and name == block_rel:
+                router = routers[block].name.rsplit(".", 1)[-1]
+                for sub, part in inner.named_children():
+                    if sub in ("experts", router):
+                        continue
+                    path = f"{name}.{sub}"
+                    shared.extend([path] if isinstance(unwrap(part), nn.Linear) else _linears(part, path))
+            elif block == prefix and name not in ("experts", routers[block].name.rsplit(".", 1)[-1]):
+                shared.extend([name] if isinstance(inner, nn.Linear) and "proj" not in name else _linears(inner, name))
+            elif block is None:
+                dense.extend(_linears(inner, name))
+        out.append(LayerParts(attention, [s for s in shared if not _per_layer_input(s)], dense, block is not None))
+    return out
+
+
+def _per_layer_input(path: str) -> bool:
+    # Gemma-4's per-layer input gate/projection are not an MLP: leave them to the user's explicit targets.
+    return "per_layer" in path

@@ -41,6 +41,9 @@ class Term:
     scaling: float = 1.0
     shape: tuple = ()
     """Shape of the adapted parameter."""
+    in_out: bool | None = None
+    """A fused 3-D parameter stored (E, in, out) (gpt-oss, Llama-4), as PEFT decides it from the experts
+    module's `is_transposed`; None: decided from the shapes, which cannot tell when in == out."""
 
     def value(self) -> torch.Tensor:
         """The delta (add) or the new weight (replace), float32, in the parameter's layout."""
@@ -55,7 +58,7 @@ class Term:
         a = a.reshape(experts, -1, a.shape[-1])  # E, r, in
         b = b.reshape(b.shape[0], -1, experts).permute(2, 0, 1)  # E, out, r
         delta = torch.bmm(b, a) * self.scaling  # E, out, in
-        if tuple(delta.shape) != tuple(self.shape):
+        if self.in_out or (self.in_out is None and tuple(delta.shape) != tuple(self.shape)):
             delta = delta.transpose(1, 2)  # parameters stored (E, in, out)
         if tuple(delta.shape) != tuple(self.shape):
             raise UserError(f"{self.module}: LoRA factors of shape {tuple(a.shape)}/{tuple(b.shape)} do not fit "
@@ -71,7 +74,8 @@ class Term:
         a = a.reshape(experts, -1, a.shape[-1])[box.expert]  # r, in
         b = b.reshape(b.shape[0], -1, experts)[:, :, box.expert]  # out, r
         (r0, r1), (c0, c1) = box.rows, box.cols  # in the parameter's own (E, d1, d2) layout
-        if b.shape[0] == self.shape[1] and a.shape[1] == self.shape[2]:  # stored (E, out, in)
+        out_in = b.shape[0] == self.shape[1] and a.shape[1] == self.shape[2]
+        if (not self.in_out) if self.in_out is not None else out_in:  # stored (E, out, in)
             piece = (b[r0:r1] @ a[:, c0:c1]) * self.scaling
         else:  # stored (E, in, out)
             piece = ((b[c0:c1] @ a[:, r0:r1]) * self.scaling).t()
@@ -138,18 +142,24 @@ def _read_terms(adapter: Adapter, weights_file: Path) -> Adapter:
         for name, module in peft_model.named_modules():
             if isinstance(module, ModulesToSaveWrapper):
                 owner = _owner(name)
-                for pname, p in module.original_module.named_parameters():
+                # buffers too: a router trained in full saves its bias buffer beside its weight
+                # (DeepSeek/GLM's e_score_correction_bias); the copy holds the value to write
+                original = module.original_module
+                for pname, p in [*original.named_parameters(), *original.named_buffers()]:
                     key = f"{name}.{pname}"
                     if key in stored:
                         term = Term("replace", f"{owner}.{pname}", name, {"value": take(key)}, shape=tuple(p.shape))
                         adapter.terms.setdefault(term.param, []).append(term)
             elif isinstance(module, (ParamWrapper, Linear)) and "default" in module.lora_A:
+                in_out = None
                 if isinstance(module, ParamWrapper):
                     param, shape = f"{_owner(name)}.{module.parameter_name}", tuple(module.get_param().shape)
+                    if len(shape) == 3:  # PEFT swaps in/out unless the experts store (E, in, out)
+                        in_out = not getattr(module, "_did_swap_in_out_features", True)
                 else:
                     param, shape = f"{_owner(name)}.weight", tuple(module.base_layer.weight.shape)
                 tensors = {"A": take(f"{name}.lora_A.weight"), "B": take(f"{name}.lora_B.weight")}
-                term = Term("add", param, name, tensors, float(module.scaling["default"]), shape)
+                term = Term("add", param, name, tensors, float(module.scaling["default"]), shape, in_out)
                 adapter.terms.setdefault(param, []).append(term)
             elif isinstance(module, LoraLayer) and not isinstance(module, (ParamWrapper, Linear)):
                 raise UserError(f"{path}: {name} is a {type(module).__name__} LoRA layer, which export cannot merge")

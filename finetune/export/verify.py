@@ -69,7 +69,8 @@ def peft_reference(adapters: list[deltas.Adapter]):
     def value(term: deltas.Term) -> torch.Tensor:
         module = modules[id(term)]
         if term.kind == "replace":
-            return dict(module.modules_to_save["default"].named_parameters())[term.param.rsplit(".", 1)[1]].detach().float()
+            copy = module.modules_to_save["default"]  # its buffers too (a router's e_score_correction_bias)
+            return dict([*copy.named_parameters(), *copy.named_buffers()])[term.param.rsplit(".", 1)[1]].detach().float()
         if hasattr(module, "parameter_name"):
             # ParamWrapper casts its delta to the adapted parameter's device and dtype; that parameter
             # stays on the meta device here, so hand it a float32 CPU stand-in for the call.

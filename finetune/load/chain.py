@@ -18,6 +18,7 @@ import warnings
 from peft import PeftModel
 from safetensors import SafetensorError
 
+import finetune.lora  # noqa: F401  (installs the PEFT target fix before adapters load: lora/peft_compat.py)
 from finetune import modeling, runs
 from finetune.errors import UserError
 from finetune.load import load_model

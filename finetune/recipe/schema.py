@@ -66,11 +66,13 @@ class LoraGroup:
 @dataclass
 class LoraSection:
     attention: LoraGroup | None = None
-    """Attention projections q/k/v/o_proj. Absent: on, rank 16; false: off."""
+    """Every Linear of each layer's attention, whatever its names (q/k/v/o_proj; MLA's q_a_proj, kv_b_proj...). Absent: on, rank 16; false: off."""
     experts: LoraGroup | None = None
     """MoE expert weights gate_up_proj/down_proj (aliases w1/w3/w2). Absent: on for MoE models; false: off."""
+    shared_experts: LoraGroup | None = None
+    """Shared experts of an MoE block and their gates (Qwen2-MoE shared_expert(_gate), DeepSeek shared_experts). Absent: on where the model has them; false: off."""
     mlp: LoraGroup | None = None
-    """Dense MLP gate/up/down_proj (Mistral-style models). Absent: on for dense models; false: off."""
+    """Dense MLP gate/up/down_proj: of a dense model, or of the dense layers of an MoE model (DeepSeek's first_k_dense_replace). Absent: on where the model has them; false: off."""
     dropout: float = 0.0
     """LoRA dropout on every group."""
     expert_path: str = "fast"

@@ -117,7 +117,7 @@ def check_choices(recipe: Recipe, problems: list[Problem]) -> None:
         problems.append(Problem("data.max_length", "must be at least 8 tokens"))
     if bad(recipe.lora.dropout, lambda v: 0.0 <= v < 1.0):
         problems.append(Problem("lora.dropout", "must be in [0, 1)"))
-    groups = {f"lora.{name}": getattr(recipe.lora, name) for name in ("attention", "experts", "mlp")}
+    groups = {f"lora.{name}": getattr(recipe.lora, name) for name in ("attention", "experts", "shared_experts", "mlp")}
     groups["router.lora"] = recipe.router.lora
     for where, group in groups.items():
         if isinstance(group, LoraGroup) and bad(group.r, lambda v: v >= 1):

@@ -61,6 +61,12 @@ def _router_outputs(output, name: str) -> tuple[Tensor, Tensor]:
             and not topk.is_floating_point()
         ):
             return logits.detach(), topk.detach()
+        scores = output[0]
+        if (len(output) == 2 and isinstance(scores, Tensor) and isinstance(topk, Tensor) and scores.shape == topk.shape
+                and scores.dim() == 2 and scores.is_floating_point()):
+            # Llama-4: (scores, logits), scores the sigmoid of the top-k logits and exactly 0 elsewhere
+            k = max(int((scores[:1] > 0).sum()), 1)
+            return topk.detach(), topk.detach().topk(k, dim=-1).indices
     kind = type(output).__name__
     raise TypeError(
         f"router {name} returned {kind}; routing metrics need routers that return "

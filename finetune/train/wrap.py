@@ -46,7 +46,7 @@ def finish_wrap(trainer, targets: Targets, expert_path: str) -> dict[str, int]:
     if "experts" in targets.groups and expert_path == "fast":
         patched = enable_fast_expert_lora(model)
         log.info("fast expert LoRA on %d MoE layers", patched)
-    counts = trainable_by_group(model)
+    counts = trainable_by_group(model, targets)
     log.info("trainable parameters by group: %s", ", ".join(f"{k}={v:,}" for k, v in counts.items()))
     return counts
 

@@ -26,7 +26,8 @@ from pathlib import Path
 from finetune import modeling, runs
 from finetune.data import LOCAL_SUFFIXES
 from finetune.errors import Problem, UserError
-from finetune.lora.targets import Targets, resolve_targets
+from finetune.lora.targets import Targets, expected_trainable, resolve_targets
+from finetune.moe import experts_modules
 from finetune.qlora.checks import parameter_target_problems, recipe_problems
 from finetune.recipe import Recipe
 from finetune.validate.passthrough import check_eval_and_split, check_passthrough, check_trainer_config
@@ -42,6 +43,8 @@ class Checked:
     config: object
     targets: Targets
     moe: bool
+    trainable: dict | None = None
+    """LoRA (and router) parameters per group, computed from the meta model's shapes."""
 
 
 def stage_of(recipe: Recipe) -> str:
@@ -112,7 +115,7 @@ def check(recipe: Recipe, stage: str | None = None) -> Checked:
         recipe = inherit_from_parent(recipe, problems)
     if not any(p.where == "model.quantization" for p in recipe.problems):  # QLoRA's own rules (finetune/qlora/checks.py)
         problems.extend(recipe_problems(recipe, own_model if stage == "dpo" else None))
-    config, targets, moe = None, Targets(), False
+    config, targets, moe, trainable = None, Targets(), False, None
     if recipe.model.name_or_path:
         try:
             config = modeling.load_config(recipe.model)
@@ -127,9 +130,12 @@ def check(recipe: Recipe, stage: str | None = None) -> Checked:
         except UserError as exc:
             problems.extend(exc.problems)
         else:
+            # the module tree decides too: config field names for the expert count differ by family
+            moe = moe or bool(experts_modules(model))
             targets, target_problems = resolve_targets(recipe.lora, recipe.router, model, moe)
+            trainable = expected_trainable(model, targets)
             problems.extend(target_problems)
             problems.extend(parameter_target_problems(recipe, targets, model, moe))  # 4-bit DPO stacks adapters
     if problems:
         raise UserError(problems, title=f"{recipe.source or 'recipe'}: {len(problems)} problem(s)")
-    return Checked(recipe=recipe, stage=stage, config=config, targets=targets, moe=moe)
+    return Checked(recipe=recipe, stage=stage, config=config, targets=targets, moe=moe, trainable=trainable)
