@@ -45,7 +45,7 @@ from finetune.moe import moe_block_classes
 
 log = logging.getLogger("finetune")
 # An INFO message that differs per rank (and says its rank): printed by every rank, where other
-# INFO messages are printed by rank 0 only (finetune/cli.py's logging setup).
+# INFO messages are printed by rank 0 only (finetune/cli/'s logging setup).
 PER_RANK = {"per_rank": True}
 
 

@@ -2,7 +2,7 @@
 takes, offline and in seconds, from the model's meta-device module tree (no weights).
 
 Layer: beside validate/export/eval; imports modeling, lora, data, distributed, recipe, errors (downward);
-the command line (finetune/cli.py) validates the recipe and hands the result in.
+the command line (finetune/cli/) validates the recipe and hands the result in.
 Parts: shapes.py (sizes, exact LoRA counts), activations.py (bytes saved for backward, checked
 against autograd in tests/unit/plan/test_plan_activations.py), memory.py (per-strategy bytes),
 hardware.py (GPUs, FLOPs), render.py (table, JSON).

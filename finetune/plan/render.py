@@ -34,7 +34,7 @@ def check_args(args) -> hardware.Gpu:
 
 
 def plan_cli(args, checked, gpu: hardware.Gpu) -> int:
-    """Print the plan of a validated recipe (finetune/cli.py validates it: validate is a sibling layer)."""
+    """Print the plan of a validated recipe (finetune/cli/ validates it: validate is a sibling layer)."""
     rows = args.rows or _rows(checked.recipe)
     result = plan(checked, gpu, args.gpus, args.nodes, nf4=True if args.nf4 else None, rows=rows)
     result["overrides"] = list(args.overrides)

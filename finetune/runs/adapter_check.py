@@ -28,7 +28,7 @@ def expected_shapes(run_dir: Path, base_config, trust_remote_code: bool = False)
     config = LoraConfig.from_pretrained(str(run_dir))
     config.inference_mode = False
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # PEFT's pattern-key warnings, see finetune/cli.py
+        warnings.simplefilter("ignore")  # PEFT's pattern-key warnings, see finetune/cli/
         model = get_peft_model(modeling.meta_model(base_config, trust_remote_code), config)
         return {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
 
