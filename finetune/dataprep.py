@@ -33,7 +33,7 @@ from datasets.arrow_writer import ArrowWriter
 from datasets.utils.tqdm import tqdm
 
 import finetune
-from finetune import data, datacache, datafiles
+from finetune import data, datacache, datafiles, distributed
 from finetune.data import CONVERTERS, Report, RowError, convert_row
 from finetune.errors import Problem, UserError
 from finetune.recipe import DataSection
@@ -72,7 +72,8 @@ def build_datasets(section: DataSection, tokenizer, kind: str, seed: int, num_pr
     entry, manifest = found
     rank = f"rank {state.process_index}/{state.num_processes}: " if state is not None else ""
     log.info("%sdata: %d rows tokenized here, %s (%s, %.1f MB)", rank, converted,
-             "cache entry prepared" if converted else "cache hit", entry, datacache.size(entry) / 1e6)
+             "cache entry prepared" if converted else "cache hit", entry, datacache.size(entry) / 1e6,
+             extra=distributed.PER_RANK)  # every rank says whether it prepared or loaded
     train = load_from_disk(str(entry / "train"))
     eval_ds = load_from_disk(str(entry / "eval")) if (entry / "eval").is_dir() else None
     report = Report(rows=manifest["report"]["rows"], dropped=[Problem(*p) for p in manifest["report"]["dropped"]])
