@@ -77,6 +77,9 @@ def layer_saved(s: LayerShape, m: ModelShape, B: int, S: int, b: int, kernel: st
                 out += E * r * (H if name != "down_proj" else inter) * b
     if s.shared_inter:
         out += 3 * T * s.shared_inter * b + (T * H * b + T * b if s.shared_gate else 0)
+        # gate_proj, up_proj and the shared expert's own gate read the same hidden state
+        widths = {"gate_proj": H, "up_proj": H, "shared_expert_gate": H, "down_proj": s.shared_inter}
+        out += _lora_linears(s.lora_shared, widths, ("gate_proj", "up_proj", "shared_expert_gate"), T, b, la)
     if s.dense_inter:
         widths = {"gate_proj": H, "up_proj": H, "down_proj": s.dense_inter}
         out += _lora_linears(s.lora_mlp, widths, ("gate_proj", "up_proj"), T, b, la)

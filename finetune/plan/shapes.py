@@ -39,6 +39,8 @@ class LayerShape:
     lora_attn: dict = field(default_factory=dict)
     """Attention target -> rank (q_proj, k_proj, v_proj, o_proj)."""
     lora_mlp: dict = field(default_factory=dict)
+    lora_shared: dict = field(default_factory=dict)
+    """LoRA ranks on the shared expert's linears, by leaf name (Qwen2-MoE, DeepSeek)."""
     lora_experts: dict = field(default_factory=dict)
     """gate_up_proj/down_proj -> rank; the planner also needs out widths: expert_out[name]."""
     expert_out: dict = field(default_factory=dict)
@@ -93,6 +95,7 @@ def _layer_shape(layer: nn.Module, plan: Targets, hidden: int) -> tuple[LayerSha
     groups = plan.groups
     attn_targets = groups["attention"].targets if "attention" in groups else []
     mlp_targets = groups["mlp"].targets if "mlp" in groups else []
+    shared_targets = groups["shared_experts"].targets if "shared_experts" in groups else []
     expert_targets = groups["experts"].targets if "experts" in groups else []
     for name, module in layer.named_modules():
         leaf = name.rsplit(".", 1)[-1]
@@ -111,9 +114,12 @@ def _layer_shape(layer: nn.Module, plan: Targets, hidden: int) -> tuple[LayerSha
             if leaf == "shared_expert_gate":
                 s.shared_gate = True
             r = None
-            if leaf in attn_targets and "attention" in groups:
+            # targets are leaf names, or layer-relative paths where a leaf name is ambiguous
+            if any(name == t or name.endswith("." + t) for t in shared_targets):
+                r, key, store = groups["shared_experts"].r, "shared_experts", s.lora_shared
+            elif leaf in attn_targets and "attention" in groups:
                 r, key, store = groups["attention"].r, "attention", s.lora_attn
-            elif leaf in mlp_targets and "mlp" in groups:
+            elif (leaf in mlp_targets or any(name.endswith("." + t) for t in mlp_targets)) and "mlp" in groups:
                 r, key, store = groups["mlp"].r, "mlp", s.lora_mlp
             if r is not None:
                 store[leaf] = r

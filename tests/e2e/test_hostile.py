@@ -107,7 +107,7 @@ BAD_SETS = {
     "missing_train_file": (["data.train=nowhere.jsonl"], "data.train[0]: file not found: nowhere.jsonl"),
     "missing_template_file": (["model.chat_template=nowhere.jinja"], "model.chat_template: file not found"),
     "expert_target_matches_nothing": (["lora.experts.targets=[w9]"], "`w9` matches nothing in the model"),
-    "mlp_group_on_moe": (["lora.mlp.r=4"], "lora.mlp: the model is a Mixture-of-Experts"),
+    "mlp_group_on_moe": (["lora.mlp.r=4"], "lora.mlp: every layer of this Mixture-of-Experts model is an MoE layer"),
     "nothing_trains": (["lora.attention=false", "lora.experts=false"], "nothing would train"),
     "router_lora_without_policy": (["router.lora.r=4"], "router.lora: only used with router.policy: lora"),
     "dpo_section_in_sft": (["dpo.beta=0.1"], "section, not `"),

@@ -24,7 +24,7 @@ def test_lora_counts_equal_what_peft_trains(family):
     plan_, model = wrapped_model(config, "sdpa", r=4)
     _, meta = wrapped_model(config, "sdpa", r=4, meta=True)
     shape = model_shape(config, meta, plan_)
-    assert shape.lora_by_group == {k: v for k, v in trainable_by_group(model).items() if v}
+    assert shape.lora_by_group == {k: v for k, v in trainable_by_group(model, plan_).items() if v}
 
 
 def test_mixtral_counts_and_table():
