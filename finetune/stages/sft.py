@@ -35,7 +35,8 @@ def run_sft(recipe: Recipe, overwrite: bool = False, callbacks=(), resume: bool 
 
     tokenizer = modeling.load_tokenizer(recipe.model)
     # trainer settings first: they set up the launch, and then only the main process prepares the data
-    args = train_args.trainer_args(recipe, "sft", staging.staging_for(recipe), aux_coef, wants_eval(recipe.data))
+    args = train_args.trainer_args(recipe, "sft", staging.staging_for(recipe), aux_coef, wants_eval(recipe.data),
+                                   checked.config)
     train, eval_ds, report = build_datasets(recipe.data, tokenizer, "sft", recipe.seed, args.dataset_num_proc)
     faults.point("data")  # test-only: a signal after data preparation, before anything is written
     rundir = staging.reserve(recipe, overwrite, resume)

@@ -50,7 +50,20 @@ def best_checkpoint_args(stopping, kwargs: dict, section: dict) -> dict:
     return out
 
 
-def trainer_args(recipe: Recipe, stage: str, staging: Path, aux_coef: float, has_eval: bool):
+# Layer kinds whose attention keeps packed rows apart from position ids alone. Linear-attention
+# layers (Qwen3-Next, Qwen3.5-MoE: gated delta nets with a causal convolution) need the
+# causal-conv1d kernels for that and transformers refuses without them, so such models keep
+# padded batches unless a recipe asks otherwise.
+PACKABLE_LAYERS = {"full_attention", "sliding_attention", "chunked_attention"}
+
+
+def packs_rows_apart(config) -> bool:
+    """Whether padding-free batches are safe for this model (every layer kind in PACKABLE_LAYERS)."""
+    kinds = getattr(modeling.text_config(config), "layer_types", None) or []
+    return all(kind in PACKABLE_LAYERS for kind in kinds)
+
+
+def trainer_args(recipe: Recipe, stage: str, staging: Path, aux_coef: float, has_eval: bool, config=None):
     """trl.SFTConfig / trl.DPOConfig: our defaults, then the recipe's pass-through section.
 
     The Trainer's checkpoints go to the run's staging directory (finetune/runs/staging.py)."""
@@ -62,6 +75,8 @@ def trainer_args(recipe: Recipe, stage: str, staging: Path, aux_coef: float, has
     distributed.require_deepspeed()
     cls = SFTConfig if stage == "sft" else DPOConfig
     kwargs = dict(STAGE_DEFAULTS[stage])
+    if config is not None and not packs_rows_apart(config):
+        kwargs.pop("padding_free", None)
     kwargs.update(
         output_dir=str(staging / "checkpoints"),
         seed=recipe.seed,

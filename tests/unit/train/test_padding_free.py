@@ -99,3 +99,16 @@ def test_the_run_reports_the_padding_it_fed(tmp_path, tiny_mixtral, sft_file, pa
         assert metrics["padding_tokens"] == 0
     else:
         assert 0 < metrics["padding_tokens"] < metrics["tokens_fed"]
+
+
+def test_linear_attention_models_keep_padded_batches():
+    """Qwen3-Next's gated delta-net layers cannot keep packed rows apart without causal-conv1d
+    (transformers refuses), so SFT on such a model keeps padded batches unless the recipe asks."""
+    from transformers import AutoConfig
+
+    from finetune.train.args import packs_rows_apart
+
+    assert packs_rows_apart(build_model("mixtral", vocab_size=64).config)
+    assert not packs_rows_apart(AutoConfig.for_model("qwen3_next", num_hidden_layers=4))
+    assert packs_rows_apart(AutoConfig.for_model("qwen3_next", num_hidden_layers=4,
+                                                 layer_types=["full_attention"] * 4))
