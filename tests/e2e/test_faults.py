@@ -310,7 +310,7 @@ def test_unreachable_hub_from_the_command_line(tmp_path):
 # ---- two processes (slow) -----------------------------------------------------------------------
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", [2, "fsdp2"])
+@pytest.mark.parametrize("layout", [2, "fsdp2", "zero3"])
 def test_signal_on_one_rank_stops_both_and_resume_matches(tmp_path, tiny_mixtral, sft_file, layout):
     """SIGTERM reaches rank 1 only, mid-step 3: both ranks save checkpoint-3 (none waits in a
     collective), the job exits, and --resume under the same launcher gives the uninterrupted bytes."""
