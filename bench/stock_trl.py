@@ -8,8 +8,11 @@ For each seed, two jobs on the bundled tiny model and data, each SFT then DPO:
   fused experts through `target_parameters`), ranks and alphas, learning rates, epochs, batch
   sizes, max lengths, cosine schedule with 3% warmup, router aux-loss coefficient, DPO beta and
   loss ([sigmoid, sft]); DPO trains a fresh LoRA on the merged SFT model. TRL's defaults
-  otherwise (padded batches in random order, its own assistant-only masks from a training
-  template). Each stage's merged model is saved.
+  otherwise (padded batches in random order). TRL cannot put `{% generation %}` markers into the
+  bundled Mixtral-style template (its assistant-only loss refuses it), so each conversation is
+  given as prompt (every turn but the last) + completion (the last assistant turn), which TRL
+  trains completion-only: identical to the pipeline's masks on the 2620 single-turn rows, the
+  first answer of the 100 two-turn rows untrained. Each stage's merged model is saved.
 - project: `finetune sft` and `finetune dpo` on recipes/tiny-moe with `--set seed=N`.
 Both are scored by the same exact-match code (`finetune eval --data data/tiny-tasks/test.jsonl`),
 greedy, on the 160 held-out prompts. Prints one table (per seed and mean ± spread) with the wall
@@ -52,11 +55,13 @@ def stock_job(seed: int, out: Path) -> dict:
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     sft_data = concatenate_datasets([load_dataset("json", data_files=str(DATA / f), split="train")
                                      .select_columns(["messages"]) for f in ("sft.jsonl", "passkey_sft.jsonl")])
+    sft_data = sft_data.map(lambda row: {"prompt": row["messages"][:-1], "completion": row["messages"][-1:]},
+                            remove_columns=["messages"])
     times = {}
 
     set_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.float32)
-    args = SFTConfig(output_dir=str(out / "sft-ckpt"), max_length=224, assistant_only_loss=True, **common)
+    args = SFTConfig(output_dir=str(out / "sft-ckpt"), max_length=224, **common)
     trainer = SFTTrainer(model=model, args=args, train_dataset=sft_data, processing_class=tokenizer, peft_config=lora())
     t0 = time.perf_counter()
     trainer.train()
