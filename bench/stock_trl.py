@@ -67,6 +67,9 @@ def stock_job(seed: int, out: Path) -> dict:
     trainer.train()
     times["sft_seconds"] = time.perf_counter() - t0
     merged = trainer.model.merge_and_unload()
+    # TRL turned router logits on for the aux loss; saved that way, generation with a cache fails in
+    # transformers' load-balancing loss (mask and logits lengths differ), so save as Mixtral ships
+    merged.config.output_router_logits = False
     merged.save_pretrained(out / "sft")
     tokenizer.save_pretrained(out / "sft")
 
@@ -80,7 +83,9 @@ def stock_job(seed: int, out: Path) -> dict:
     t0 = time.perf_counter()
     trainer.train()
     times["dpo_seconds"] = time.perf_counter() - t0
-    trainer.model.merge_and_unload().save_pretrained(out / "dpo")
+    merged = trainer.model.merge_and_unload()
+    merged.config.output_router_logits = False
+    merged.save_pretrained(out / "dpo")
     tokenizer.save_pretrained(out / "dpo")
     return {**times, "sft": str(out / "sft"), "dpo": str(out / "dpo")}
 
