@@ -59,19 +59,22 @@ def stock_job(seed: int, out: Path) -> dict:
                             remove_columns=["messages"])
     times = {}
 
+    def train_merge_save(trainer, stage: str) -> None:
+        t0 = time.perf_counter()
+        trainer.train()
+        times[f"{stage}_seconds"] = time.perf_counter() - t0
+        merged = trainer.model.merge_and_unload()
+        # TRL turned router logits on for the aux loss; saved that way, generation with a cache fails in
+        # transformers' load-balancing loss (mask and logits lengths differ), so save as Mixtral ships
+        merged.config.output_router_logits = False
+        merged.save_pretrained(out / stage)
+        tokenizer.save_pretrained(out / stage)
+
     set_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.float32)
     args = SFTConfig(output_dir=str(out / "sft-ckpt"), max_length=224, **common)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=sft_data, processing_class=tokenizer, peft_config=lora())
-    t0 = time.perf_counter()
-    trainer.train()
-    times["sft_seconds"] = time.perf_counter() - t0
-    merged = trainer.model.merge_and_unload()
-    # TRL turned router logits on for the aux loss; saved that way, generation with a cache fails in
-    # transformers' load-balancing loss (mask and logits lengths differ), so save as Mixtral ships
-    merged.config.output_router_logits = False
-    merged.save_pretrained(out / "sft")
-    tokenizer.save_pretrained(out / "sft")
+    train_merge_save(SFTTrainer(model=model, args=args, train_dataset=sft_data, processing_class=tokenizer,
+                                peft_config=lora()), "sft")
 
     set_seed(seed)
     pref = load_dataset("json", data_files=str(DATA / "preference.jsonl"), split="train")
@@ -79,14 +82,8 @@ def stock_job(seed: int, out: Path) -> dict:
     model = AutoModelForCausalLM.from_pretrained(out / "sft", dtype=torch.float32)
     args = DPOConfig(output_dir=str(out / "dpo-ckpt"), max_length=128, beta=0.1, loss_type=["sigmoid", "sft"],
                      loss_weights=[1.0, 1.0], **{**common, "logging_steps": 5})
-    trainer = DPOTrainer(model=model, args=args, train_dataset=pref, processing_class=tokenizer, peft_config=lora())
-    t0 = time.perf_counter()
-    trainer.train()
-    times["dpo_seconds"] = time.perf_counter() - t0
-    merged = trainer.model.merge_and_unload()
-    merged.config.output_router_logits = False
-    merged.save_pretrained(out / "dpo")
-    tokenizer.save_pretrained(out / "dpo")
+    train_merge_save(DPOTrainer(model=model, args=args, train_dataset=pref, processing_class=tokenizer,
+                                peft_config=lora()), "dpo")
     return {**times, "sft": str(out / "sft"), "dpo": str(out / "dpo")}
 
 
