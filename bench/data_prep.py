@@ -116,7 +116,7 @@ def measure(what: str, path: str, num_proc: int | None, max_length: int, kind: s
     tokenizer = _tokenizer()
     out = {}
     if what == "finetune":
-        from finetune.dataprep import build_datasets
+        from finetune.data.prep import build_datasets
 
         start = time.perf_counter()
         train, _, report = build_datasets(_section(path, max_length, kind), tokenizer, kind, 0, num_proc)
@@ -184,7 +184,7 @@ def python_list_bytes(path: str, max_length: int, sample: int = 2000) -> float:
     """Bytes per row of the tokenized rows as Python lists (what the in-memory path held), by tracemalloc."""
     import tracemalloc
 
-    from finetune.data import convert_row, sft_converter
+    from finetune.data.convert import convert_row, sft_converter
 
     tokenizer = _tokenizer()
     convert = sft_converter(tokenizer, _section(path, max_length, "sft"))

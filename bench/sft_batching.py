@@ -40,8 +40,8 @@ def main() -> None:
     padding = {}
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
-            for name, extra in SETTINGS.items():
-                out = Path(tmp) / f"{repeat}-{len(seconds[name])}-{name.split()[0].strip(',')}"
+            for index, (name, extra) in enumerate(SETTINGS.items()):
+                out = Path(tmp) / f"repeat{repeat}-setting{index}"
                 recipe = read_recipe("recipes/tiny-moe/sft.yaml", [f"output_dir={out}", f"sft.max_steps={args.steps}",
                                                                    "data.eval=[]", "sft.save_strategy=no", *extra])
                 counter = TokenCounter()

@@ -8,7 +8,7 @@ the endpoint's host (socket.getaddrinfo in a thread, so a hanging resolver is bo
 opens one TCP connection, each under TIMEOUT seconds. When that fails, the UserError names the id,
 says whether a local copy is in the hub cache, and gives the HF_HUB_OFFLINE=1 hint. With
 HF_HUB_OFFLINE=1 nothing here touches the network.
-Layer: beside modeling and datafiles.
+Layer: beside modeling and data.
 """
 
 from __future__ import annotations

@@ -168,7 +168,7 @@ def tokenizer():
 
 @pytest.fixture(scope="session", autouse=True)
 def data_cache(tmp_path_factory):
-    """Prepared data sets go to a folder of this session, not ~/.cache (finetune/datacache.py)."""
+    """Prepared data sets go to a folder of this session, not ~/.cache (finetune/data/cache.py)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("FINETUNE_CACHE", str(tmp_path_factory.mktemp("finetune-cache")))
         yield

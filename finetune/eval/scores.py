@@ -19,7 +19,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from finetune.data import RowError, as_messages, check_messages, message_text, read_rows, sft_messages, tokenize_sft
+from finetune.data.files import read_rows
+from finetune.data.masks import tokenize_sft
+from finetune.data.rows import RowError, as_messages, check_messages, message_text, sft_messages
 from finetune.errors import UserError
 from finetune.eval import cli as long_context
 from finetune.eval.report import write_atomic

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune.data import read_rows
+from finetune.data.files import read_rows
 from finetune.errors import Problem, UserError
 
 FORMATS = "`messages`, `prompt`+`completion`, `prompt`+`chosen`+`rejected`, or `text`"

@@ -20,7 +20,7 @@ import logging
 from pathlib import Path
 
 from finetune import distributed, modeling, runs
-from finetune.dataprep import build_datasets, wants_eval
+from finetune.data.prep import build_datasets, wants_eval
 from finetune.guards import NonFiniteGuard
 from finetune.load.chain import load_chain
 from finetune.lora.targets import lora_config

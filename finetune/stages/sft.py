@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 
 from finetune import distributed, modeling
-from finetune.dataprep import build_datasets, wants_eval
+from finetune.data.prep import build_datasets, wants_eval
 from finetune.guards import NonFiniteGuard
 from finetune.load import load_model
 from finetune.lora.targets import lora_config

@@ -102,7 +102,7 @@ def trainer_args(recipe: Recipe, stage: str, staging: Path, aux_coef: float, has
     kwargs.update(section)
     if stage == "sft" and kwargs.get("padding_free") and not kwargs.get("packing"):
         # TRL refuses padding_free without packing while max_length is set (it would not truncate);
-        # finetune/data.py has applied data.max_length to every row already.
+        # finetune/data/convert.py has applied data.max_length to every row already.
         kwargs["max_length"] = None
     if recipe.early_stopping:
         kwargs.update(best_checkpoint_args(recipe.early_stopping, kwargs, section))

@@ -9,7 +9,7 @@ data.eval. Every rank generates the same prompts in lockstep (`synced_gpus` when
 several processes: under FSDP2/ZeRO-3 each forward gathers weights with a collective, so a rank
 that stopped early would hang the others); rank 0 writes. On --resume, samples after the
 checkpoint's step are dropped before training continues, so no step appears twice.
-Layer: train; imports data, datafiles, errors (torch is already loaded by the stages).
+Layer: train; imports data, errors (torch is already loaded by the stages).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from finetune.data import RowError, as_messages, check_messages
-from finetune.datafiles import read_rows
+from finetune.data.files import read_rows
+from finetune.data.rows import RowError, as_messages, check_messages
 from finetune.errors import UserError
 
 log = logging.getLogger("finetune")

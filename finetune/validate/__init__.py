@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune import modeling, runs
-from finetune.data import LOCAL_SUFFIXES
+from finetune.data.files import LOCAL_SUFFIXES
 from finetune.errors import Problem, UserError
 from finetune.lora.targets import Targets, expected_trainable, resolve_targets
 from finetune.moe import experts_modules

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune.data import LOCAL_SUFFIXES
+from finetune.data.files import LOCAL_SUFFIXES
 from finetune.errors import Problem
 from finetune.recipe import Recipe
 from finetune.train import loggers

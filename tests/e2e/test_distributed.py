@@ -95,7 +95,7 @@ def test_cpu_ddp_config_starts_two_ranks(tmp_path, tiny_mixtral, sft_file):
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert [(r["step"], r["prompt"]) for r in rows] == [(1, "hello"), (1, "say two words"), (2, "hello"), (2, "say two words")]
     assert trained(out)
-    # the main process prepared the data (finetune/dataprep.py), the other loaded its cache entry
+    # the main process prepared the data (finetune/data/prep.py), the other loaded its cache entry
     assert "rank 0/2: data: 48 rows tokenized here, cache entry prepared" in proc.stderr
     assert "rank 1/2: data: 0 rows tokenized here, cache hit" in proc.stderr
 

@@ -19,7 +19,8 @@ import yaml
 from conftest import TINY_MOE, make_rows, recipe_file, sft_recipe, write_jsonl
 
 from finetune.cli import main
-from finetune.data import RowError, read_rows, sft_messages
+from finetune.data.files import read_rows
+from finetune.data.rows import RowError, sft_messages
 from finetune.errors import CheckFailed
 from finetune.guards import NonFiniteGuard
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from conftest import REPO, TINY_TASKS
 
-from finetune.data import read_rows
+from finetune.data.files import read_rows
 from finetune.eval.scores import exact_match
 from finetune.export import export
 from finetune.load.chain import load_for_inference

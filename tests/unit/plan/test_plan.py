@@ -82,7 +82,7 @@ def test_dpo_plans_chosen_and_rejected_as_twice_the_rows():
 
 
 def test_job_time_from_local_rows(capsys):
-    from finetune.data import count_rows
+    from finetune.data.files import count_rows
 
     assert main(["plan", "recipes/tiny-moe/sft.yaml", "--gpu", "h100-80gb", "--json"]) == 0
     rec = json.loads(capsys.readouterr().out)["recommended"]

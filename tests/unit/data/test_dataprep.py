@@ -17,9 +17,13 @@ from conftest import TINY_MOE, TINY_TASKS, make_pairs, make_rows, write_jsonl
 from datasets import Dataset
 
 import finetune
-from finetune import datacache, dataprep
-from finetune.data import CONVERTERS, Report, RowError, _render, convert_row, read_rows, sft_messages
-from finetune.dataprep import build_datasets, key_parts
+from finetune.data import cache as datacache
+from finetune.data import prep as dataprep
+from finetune.data.convert import CONVERTERS, convert_row
+from finetune.data.files import read_rows
+from finetune.data.masks import render
+from finetune.data.prep import build_datasets, key_parts
+from finetune.data.rows import Report, RowError, sft_messages
 from finetune.errors import Problem, UserError
 from finetune.modeling import load_tokenizer
 from finetune.recipe import DataSection, ModelSection
@@ -33,14 +37,14 @@ def old_tokenize_sft(tokenizer, item, assistant_only: bool) -> dict:
         text = (tokenizer.bos_token or "") + prompt + completion + tokenizer.eos_token
         spans = [(len(tokenizer.bos_token or "") + len(prompt), len(text))]
     else:
-        text, spans = _render(tokenizer, item), []
+        text, spans = render(tokenizer, item), []
         for i, m in enumerate(item):
             if m["role"] != "assistant":
                 continue
-            before = _render(tokenizer, item[:i], add_generation_prompt=True)
+            before = render(tokenizer, item[:i], add_generation_prompt=True)
             if not text.startswith(before):
-                before = _render(tokenizer, item[:i])
-            through = _render(tokenizer, item[: i + 1])
+                before = render(tokenizer, item[:i])
+            through = render(tokenizer, item[: i + 1])
             assert text.startswith(before) and text.startswith(through)
             spans.append((len(before), len(through)))
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -64,7 +68,7 @@ def old_sft_converter(tokenizer, section):
 
 
 def old_build(section: DataSection, tokenizer, kind: str, seed: int):
-    """The in-memory path that finetune/dataprep.py replaced (finetune/data.py build_datasets at
+    """The in-memory path that finetune/data/prep.py replaced (finetune/data.py build_datasets at
     9873a02: read every row into a list, convert one by one, Dataset.from_list), with its SFT
     tokenization (above) and the unchanged preference row check: the reference the new path must equal."""
     report = Report()
@@ -274,8 +278,10 @@ def test_every_input_changes_the_key(tmp_path, tokenizer, monkeypatch):
     monkeypatch.setattr(dataprep.metadata, "version", lambda p: "0.0.0" if p == "datasets" else real(p))
     keys["datasets version"] = key()
     monkeypatch.undo()
-    (tmp_path / "dataprep.py").write_bytes(open(dataprep.__file__, "rb").read() + b"\n# changed\n")
-    monkeypatch.setattr(dataprep, "__file__", str(tmp_path / "dataprep.py"))
+    shutil.copytree(dataprep.CODE, tmp_path / "code")
+    with open(tmp_path / "code" / "masks.py", "a") as f:
+        f.write("\n# changed\n")
+    monkeypatch.setattr(dataprep, "CODE", tmp_path / "code")
     keys["code"] = key()
     monkeypatch.undo()
     assert key() == keys["base"]

@@ -8,7 +8,7 @@ Where: `$FINETUNE_CACHE`, else `$XDG_CACHE_HOME/finetune/data` (`~/.cache/finetu
 datasets' and the hub's own caches. Not the run's staging directory: that is removed when a run
 finishes or fails, and a second run of the same data (another output_dir, the DPO stage of a sweep,
 a different seed without eval_split) should find it too. Nothing is evicted; delete the directory
-to reclaim the space (finetune/dataprep.py logs its path and size).
+to reclaim the space (finetune/data/prep.py logs its path and size).
 
 An entry is `<root>/<key>/` with `train/` and `eval/` (datasets.save_to_disk folders) and
 `manifest.json`: the key's inputs, the row report and every file's size and xxh3-128, written last.
@@ -18,10 +18,9 @@ entry whose manifest is missing or whose files differ from it (truncated, edited
 removed and prepared again, never used. TRL's own dataset.map caches land beside the files
 (cache-*.arrow, named by the entry's fingerprints): they are not in the manifest and not checked.
 
-Sits with data/datafiles (imports datafiles, errors). Under a launcher the ranks that wait for
-the main process's preparation wait at a barrier, whose timeout is the trainer's `ddp_timeout`
-(30 minutes by default): prepare a larger data set once beforehand (one process, same recipe), or
-raise `sft.ddp_timeout`.
+Under a launcher the ranks that wait for the main process's preparation wait at a barrier, whose
+timeout is the trainer's `ddp_timeout` (30 minutes by default): prepare a larger data set once
+beforehand (one process, same recipe), or raise `sft.ddp_timeout`.
 """
 
 from __future__ import annotations
@@ -36,7 +35,7 @@ import socket
 from contextlib import contextmanager
 from pathlib import Path
 
-from finetune.datafiles import hash_file
+from finetune.data.files import hash_file
 from finetune.errors import UserError
 
 log = logging.getLogger("finetune")

@@ -5,16 +5,15 @@
 
 Steps; each writes Arrow files in the entry's temporary folder and none holds the data set in
 Python objects, so memory stays bounded by a batch per process:
- 1. read: every source's rows as JSON text with their row numbers, streamed (datafiles.iter_source);
+ 1. read: every source's rows as JSON text with their row numbers, streamed (files.iter_source);
  2. convert: `datasets.map(num_proc=dataset_num_proc)` parses, checks and tokenizes each row with
-    finetune/data.py's converters: the same functions as before, so the same ids, masks and errors;
+    finetune/data/convert.py's converters: the same functions as before, so the same ids, masks and errors;
  3. errors, in the order the in-memory path raised them: an unreadable source or invalid JSON first
     (files used to be read whole before any row was checked), then bad rows in row order: the first
     is an error, or every one is dropped and reported (data.bad_rows);
- 4. eval_split (the same seeded permutation as before), save_to_disk; finetune/datacache.py publishes.
+ 4. eval_split (the same seeded permutation as before), save_to_disk; finetune/data/cache.py publishes.
 The datasets returned are memory-mapped from the cache entry, after a cold build as on a hit.
 
-Sits with data/datafiles (imports data, datafiles, datacache, errors, recipe).
 """
 
 from __future__ import annotations
@@ -33,8 +32,10 @@ from datasets.arrow_writer import ArrowWriter
 from datasets.utils.tqdm import tqdm
 
 import finetune
-from finetune import data, datacache, datafiles, distributed
-from finetune.data import CONVERTERS, Report, RowError, convert_row
+from finetune import distributed
+from finetune.data import cache, files
+from finetune.data.convert import CONVERTERS, convert_row
+from finetune.data.rows import Report, RowError
 from finetune.errors import Problem, UserError
 from finetune.recipe import DataSection
 
@@ -57,13 +58,13 @@ def wants_eval(section: DataSection) -> bool:
 def build_datasets(section: DataSection, tokenizer, kind: str, seed: int, num_proc: int | None = None):
     """(train, eval or None, Report) for kind `sft` or `preference`, from the cache or prepared into it.
 
-    Under a launcher the main process prepares and the others wait, then load (datacache.main_first)."""
+    Under a launcher the main process prepares and the others wait, then load (cache.main_first)."""
     parts = key_parts(section, tokenizer, kind, seed)
-    key = datacache.key(parts)
+    key = cache.key(parts)
     state = launch_state()
     converted = 0
-    with datacache.main_first(state):
-        found = datacache.lookup(key)
+    with cache.main_first(state):
+        found = cache.lookup(key)
         if found is None:
             if state is not None and not state.is_local_main_process:
                 raise UserError(f"rank {state.process_index}: the data were not prepared by the main process "
@@ -72,7 +73,7 @@ def build_datasets(section: DataSection, tokenizer, kind: str, seed: int, num_pr
     entry, manifest = found
     rank = f"rank {state.process_index}/{state.num_processes}: " if state is not None else ""
     log.info("%sdata: %d rows tokenized here, %s (%s, %.1f MB)", rank, converted,
-             "cache entry prepared" if converted else "cache hit", entry, datacache.size(entry) / 1e6,
+             "cache entry prepared" if converted else "cache hit", entry, cache.size(entry) / 1e6,
              extra=distributed.PER_RANK)  # every rank says whether it prepared or loaded
     train = load_from_disk(str(entry / "train"))
     eval_ds = load_from_disk(str(entry / "eval")) if (entry / "eval").is_dir() else None
@@ -104,15 +105,23 @@ def key_parts(section: DataSection, tokenizer, kind: str, seed: int) -> dict:
     return {
         "kind": kind,
         "data": settings,
-        "train": [datafiles.fingerprint(s) for s in section.train],
-        "eval": [datafiles.fingerprint(s) for s in section.eval],
+        "train": [files.fingerprint(s) for s in section.train],
+        "eval": [files.fingerprint(s) for s in section.eval],
         "seed": seed if not section.eval and section.eval_split > 0 else None,
         "tokenizer": tokenizer_fingerprint(tokenizer),
-        "code": hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (data, datafiles))
-                               + Path(__file__).read_bytes()).hexdigest(),
+        "code": code_hash(),
         "versions": {p: metadata.version(p) for p in ("datasets", "pyarrow", "tokenizers", "transformers", "jinja2")}
         | {"finetune": finetune.__version__},
     }
+
+
+CODE = Path(__file__).parent
+"""The data package: a change to any of its modules (reading, row checks, masks, converters,
+this preparation) may change the prepared rows, so all of them are in the key."""
+
+
+def code_hash() -> str:
+    return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(CODE.glob("*.py")))).hexdigest()
 
 
 def tokenizer_fingerprint(tokenizer) -> dict:
@@ -139,7 +148,7 @@ def tokenizer_fingerprint(tokenizer) -> dict:
 def prepare(key: str, parts: dict, section: DataSection, tokenizer, kind: str, seed: int, num_proc: int | None):
     """Prepare into a temporary folder and publish it; ((entry, manifest), rows converted here)."""
     report = Report()
-    with datacache.building(key) as tmp:
+    with cache.building(key) as tmp:
         work = tmp / "work"
         work.mkdir()
         job = dict(work=work, key=key, section=section, tokenizer=tokenizer, kind=kind, num_proc=num_proc, report=report)
@@ -165,8 +174,8 @@ def prepare(key: str, parts: dict, section: DataSection, tokenizer, kind: str, s
         del train, eval_ds, parts_  # the memory maps of the work files, before removing them
         shutil.rmtree(work)
         dropped = [[p.where, p.what] for p in report.dropped]
-        entry = datacache.publish(tmp, key, parts, {"rows": report.rows, "dropped": dropped})
-    return (entry, json.loads((entry / datacache.MANIFEST).read_text())), converted
+        entry = cache.publish(tmp, key, parts, {"rows": report.rows, "dropped": dropped})
+    return (entry, json.loads((entry / cache.MANIFEST).read_text())), converted
 
 
 def _prepare_split(name: str, sources: list[str], work: Path, key: str, section: DataSection, tokenizer, kind: str,
@@ -231,7 +240,7 @@ def _user_error(payload: str) -> UserError:
 def _read(sources: list[str], path: Path, name: str) -> Dataset:
     """Step 1: the rows of every source as JSON text in one Arrow file; a source that cannot be read
     becomes one error row (number 0), raised later in source order."""
-    total = sum(Path(s).stat().st_size for s in sources if Path(s).suffix in datafiles.LOCAL_SUFFIXES and Path(s).is_file())
+    total = sum(Path(s).stat().st_size for s in sources if Path(s).suffix in files.LOCAL_SUFFIXES and Path(s).is_file())
     writer = ArrowWriter(features=RAW, path=str(path), writer_batch_size=1000)
     batch = {c: [] for c in RAW}
 
@@ -246,7 +255,7 @@ def _read(sources: list[str], path: Path, name: str) -> Dataset:
     with tqdm(total=total or None, unit="B", unit_scale=True, desc=f"Reading {name} data") as bar:
         for i, source in enumerate(sources):
             try:
-                for number, text in datafiles.iter_source(source, progress=bar.update):
+                for number, text in files.iter_source(source, progress=bar.update):
                     add(i, number, text, None)
             except UserError as exc:
                 add(i, 0, None, _as_payload(exc))
@@ -270,7 +279,7 @@ def _convert_batch(batch: dict, convert, kind: str, columns: list[str], sources:
         try:
             value = json.loads(text)
         except json.JSONDecodeError as exc:
-            out["error"][j], out["error_kind"][j] = _as_payload(UserError(datafiles.json_error(sources[source], number, exc))), READ
+            out["error"][j], out["error_kind"][j] = _as_payload(UserError(files.json_error(sources[source], number, exc))), READ
             continue
         try:
             row = convert_row(convert, value)

@@ -7,8 +7,9 @@ import json
 import pytest
 from conftest import write_jsonl
 
-from finetune.data import read_rows, tokenize_sft
-from finetune.dataprep import build_datasets
+from finetune.data.files import read_rows
+from finetune.data.masks import tokenize_sft
+from finetune.data.prep import build_datasets
 from finetune.errors import UserError
 from finetune.recipe import DataSection
 

@@ -2,7 +2,7 @@
 
 Unreadable files are user errors naming the file (and the line and byte offset of a bad UTF-8
 byte); finetune/data.py checks and shapes the rows. `iter_source` streams a source's rows as
-JSON text for the datasets-based preparation (finetune/dataprep.py), `fingerprint` identifies
+JSON text for the datasets-based preparation (finetune/data/prep.py), `fingerprint` identifies
 its content for the data cache, `read_rows` reads a small file whole (evaluation, routing), and
 `count_rows` counts a local file's rows cheaply for `finetune validate`.
 
@@ -79,7 +79,7 @@ def count_rows(source: str) -> int | None:
 
 def read_rows(source: str) -> list[Row]:
     """All rows of a local .jsonl/.json/.parquet file, or of a hub data set `name[:split]`, in memory
-    (evaluation and routing read small files this way; training streams them, finetune/dataprep.py)."""
+    (evaluation and routing read small files this way; training streams them, finetune/data/prep.py)."""
     rows = []
     texts = list(iter_source(source))  # a bad UTF-8 byte anywhere is reported before a JSON error
     for number, text in texts:
@@ -190,7 +190,7 @@ def _iter_hub(source: str, progress) -> Iterator[tuple[int, str]]:
 
 
 def fingerprint(source: str) -> dict:
-    """What identifies a source's content for the data cache (finetune/datacache.py): a local
+    """What identifies a source's content for the data cache (finetune/data/cache.py): a local
     file's xxh3-128 (about 9 GB/s here, so a cache hit stays fast; the cache key is no security
     boundary), or a hub data set's datasets fingerprint. A source that cannot be read gets a key
     too: preparing it then raises the error that names it."""

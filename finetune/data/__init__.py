@@ -1,0 +1,11 @@
+"""Data: from the files and hub data sets a recipe names to the rows each trainer takes.
+
+    files.py    read a source's rows (local JSONL/JSON/Parquet, hub data sets), streamed; fingerprints
+    rows.py     check one row's messages or prompt/completion (RowError says why not)
+    masks.py    SFT tokenization: render with the chat template, assistant mask
+    convert.py  per stage, a row's JSON object -> what its trainer takes
+    prep.py     the whole data set through `datasets` (map, num_proc), once per job, cached
+    cache.py    the on-disk cache of prepared data sets (key, lock, publish, damage checks)
+
+Nothing is imported here, so `finetune validate` can read a few rows without loading `datasets`.
+"""
