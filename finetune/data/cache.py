@@ -11,7 +11,9 @@ a different seed without eval_split) should find it too. Nothing is evicted; del
 to reclaim the space (finetune/data/prep.py logs its path and size).
 
 An entry is `<root>/<key>/` with `train/` and `eval/` (datasets.save_to_disk folders) and
-`manifest.json`: the key's inputs, the row report and every file's size and xxh3-128, written last.
+`manifest.json`: the key's inputs, the row report and every file's size, xxh3-128 and stat (size,
+mtime, inode), written last. A load rehashes only the files whose stat changed: a truncated or
+rewritten file is caught; bytes flipped in place without a new mtime (a failing disk) are not.
 It is built in `<root>/.tmp-<key>-<host>-<pid>` and renamed into place in one step, so a kill during
 preparation leaves only a temporary folder (removed by the next preparation on that host). An
 entry whose manifest is missing or whose files differ from it (truncated, edited) is said so,
@@ -32,15 +34,18 @@ import logging
 import os
 import shutil
 import socket
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from finetune.data.files import hash_file
+from finetune.data.files import hash_file, stat_key
 from finetune.errors import UserError
 
 log = logging.getLogger("finetune")
 
 MANIFEST = "manifest.json"
+HASHES = ".source-hashes"
+"""Under the root: each local source file's hash remembered under its stat (files.hash_file_memo)."""
 # Bumped when an entry's layout changes; the code that shapes rows is keyed by its own hash.
 LAYOUT = 1
 
@@ -59,10 +64,17 @@ def key(parts: dict) -> str:
 
 
 def _files(folder: Path) -> dict[str, dict]:
-    return {
-        str(p.relative_to(folder)): {"size": p.stat().st_size, "xxh3_128": hash_file(p)}
-        for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST
-    }
+    """Each file's size, hash and stat. The files were written moments ago, so a later write could
+    fall in the same clock tick and keep the mtime (git's "racy" case): each file's mtime is set
+    back to a fixed past time before its stat is recorded, so any later write shows a new mtime."""
+    stamp = (time.time_ns() // 1_000_000_000 - 10) * 1_000_000_000
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            digest = hash_file(p)
+            os.utime(p, ns=(stamp, stamp))
+            out[str(p.relative_to(folder))] = {"size": p.stat().st_size, "xxh3_128": digest, "stat": stat_key(p)}
+    return out
 
 
 def damage(entry: Path, key_: str) -> str | None:
@@ -82,6 +94,8 @@ def damage(entry: Path, key_: str) -> str | None:
         size = path.stat().st_size
         if size != want["size"]:
             return f"{name} has {size} bytes, the manifest says {want['size']}"
+        if want.get("stat") == stat_key(path):
+            continue  # untouched since it was written and hashed: rehashing gigabytes on every load is most of a hit
         if hash_file(path) != want["xxh3_128"]:
             return f"{name} differs from the file that was written (xxh3-128)"
     return None

@@ -105,8 +105,8 @@ def key_parts(section: DataSection, tokenizer, kind: str, seed: int) -> dict:
     return {
         "kind": kind,
         "data": settings,
-        "train": [files.fingerprint(s) for s in section.train],
-        "eval": [files.fingerprint(s) for s in section.eval],
+        "train": [files.fingerprint(s, memo=cache.root() / cache.HASHES) for s in section.train],
+        "eval": [files.fingerprint(s, memo=cache.root() / cache.HASHES) for s in section.eval],
         "seed": seed if not section.eval and section.eval_split > 0 else None,
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "code": code_hash(),

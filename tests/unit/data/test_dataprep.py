@@ -7,10 +7,13 @@ import dataclasses
 import errno
 import json
 import logging
+import os
 import shutil
 import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 from conftest import TINY_MOE, TINY_TASKS, make_pairs, make_rows, write_jsonl
@@ -18,6 +21,7 @@ from datasets import Dataset
 
 import finetune
 from finetune.data import cache as datacache
+from finetune.data import files
 from finetune.data import prep as dataprep
 from finetune.data.convert import CONVERTERS, convert_row
 from finetune.data.files import read_rows
@@ -173,7 +177,12 @@ def test_errors_are_the_ones_the_in_memory_path_raised_first(tmp_path, tokenizer
 
 
 def entry_files(entry) -> dict:
-    return {str(p.relative_to(entry)): p.read_bytes() for p in sorted(entry.rglob("*")) if p.is_file()}
+    """Every file's bytes; the manifest without the files' stats (inode and mtime differ per build)."""
+    out = {str(p.relative_to(entry)): p.read_bytes() for p in sorted(entry.rglob("*")) if p.is_file()}
+    manifest = json.loads(out.pop("manifest.json"))
+    for record in manifest["files"].values():
+        assert len(record.pop("stat")) == 3
+    return {**out, "manifest.json": manifest}
 
 
 def test_hit_is_byte_equal_to_a_cold_build_with_any_process_count(tmp_path, tokenizer, monkeypatch, caplog):
@@ -213,6 +222,33 @@ def test_damaged_entry_is_rebuilt_with_a_message(tmp_path, tokenizer, caplog, da
         again = build_datasets(section, tokenizer, "sft", 0)[0].to_list()
     assert f"data cache entry {entry} is damaged" in caplog.text and "preparing the data again" in caplog.text
     assert again == first and entry_files(entry) == good
+
+
+def test_a_hit_hashes_only_files_whose_stat_changed(tmp_path, tokenizer, monkeypatch):
+    """A hit trusts the source's remembered hash and the entry's recorded stats (hashing gigabytes
+    was most of a hit); a file rewritten since is hashed again, and a changed source is a new key."""
+    path = write_jsonl(tmp_path / "sft.jsonl", make_rows(30))
+    old = time.time_ns() - 3600 * 10**9
+    os.utime(path, ns=(old, old))  # an existing data file, not one written this instant
+    section = DataSection(train=[str(path)], max_length=64)
+    first = build_datasets(section, tokenizer, "sft", 0)[0].to_list()
+    hashed = []
+    real = files.hash_file
+
+    def counting(p):
+        hashed.append(Path(p).name)
+        return real(p)
+
+    monkeypatch.setattr(files, "hash_file", counting)
+    monkeypatch.setattr(datacache, "hash_file", counting)
+    assert build_datasets(section, tokenizer, "sft", 0)[0].to_list() == first and hashed == []
+    entry = datacache.root() / datacache.key(key_parts(section, tokenizer, "sft", 0))
+    arrow = next((entry / "train").glob("*.arrow"))
+    arrow.write_bytes(arrow.read_bytes())  # same bytes, new mtime: checked again, still sound
+    assert build_datasets(section, tokenizer, "sft", 0)[0].to_list() == first and hashed == [arrow.name]
+    write_jsonl(path, make_rows(31))
+    os.utime(path, ns=(old, old + 10**9))
+    assert len(build_datasets(section, tokenizer, "sft", 0)[0]) == 31 and "sft.jsonl" in hashed
 
 
 def test_interrupted_preparation_leaves_no_entry_and_is_cleaned_up(tmp_path, tokenizer):
