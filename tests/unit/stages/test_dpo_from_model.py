@@ -134,6 +134,19 @@ def test_dpo_from_a_plain_checkpoint(tmp_path, pref_file):
     assert f"DPO started from the model `{TINY_MOE}`" in card and "an export of this tool" not in card
 
 
+def test_dpo_from_a_model_in_4bit(tmp_path, exported, pref_file):
+    """model.quantization: nf4 loads from_model in 4-bit; the reference is that 4-bit model (adapter
+    disabled), not a stacked "ref" adapter as for a 4-bit SFT run."""
+    _, model = exported
+    run = run_dpo(read_recipe(dpo_recipe(tmp_path, pref_file, from_model=str(model), model={"quantization": "nf4"},
+                                         dpo={"max_steps": 1, "per_device_train_batch_size": 4, "logging_steps": 1})))
+    first, _ = first_rewards(run)
+    assert abs(first["rewards/chosen"]) < 1e-6 and abs(first["rewards/rejected"]) < 1e-6
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["reference"].startswith(f"from_model {model}")
+    assert read_recipe(run / "recipe.yaml").model.quantization == "nf4"
+
+
 def test_both_or_neither_is_a_validate_error_and_writes_nothing(tmp_path, pref_file, exported):
     sft, model = exported
     both = dpo_recipe(tmp_path, pref_file, from_run=str(sft), from_model=str(model))
