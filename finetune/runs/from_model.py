@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from huggingface_hub import try_to_load_from_cache
+
 from finetune.errors import UserError
 from finetune.runs.outputs import is_export
 
@@ -42,12 +44,26 @@ def export_record(path: str | Path) -> dict | None:
     return {"run": raw.get("run"), "base": chain[0]["model"], "chain": chain, "dtype": raw.get("dtype")}
 
 
+def hub_revision(name: str) -> str | None:
+    """The commit of the hub-cache snapshot a hub id loads from (its refs, read offline), None when not cached."""
+    try:
+        found = try_to_load_from_cache(name, "config.json")
+    except ValueError:  # not a valid repo id (huggingface_hub's HFValidationError is a ValueError)
+        return None
+    return Path(found).parent.name if isinstance(found, str) else None
+
+
 def base_link(model: str) -> dict:
-    """The chain's first entry for a DPO run that starts from `model` (a hub id or an absolute path)."""
+    """The chain's first entry for a DPO run that starts from `model` (a hub id or an absolute path).
+    Called once the model is loaded: a hub id's snapshot is in the cache then, and its commit is
+    recorded as `revision` (a hub id names whatever its main branch holds today)."""
     link = {"kind": "base", "model": model, "from_model": True}
-    record = export_record(model) if Path(model).is_dir() else None
-    if record is not None:
-        link["export_of"] = record
+    if Path(model).is_dir():
+        record = export_record(model)
+        if record is not None:
+            link["export_of"] = record
+    elif hub_revision(model):
+        link["revision"] = hub_revision(model)
     return link
 
 
@@ -61,7 +77,8 @@ def describe(link: dict) -> str:
     """What a from_model run started from, in one sentence for cards and logs ('' for an ordinary chain)."""
     if not link.get("from_model"):
         return ""
-    text = f"DPO started from the model `{link['model']}` (`from_model`), which is also its reference model"
+    revision = f" at revision {link['revision']}" if link.get("revision") else ""
+    text = f"DPO started from the model `{link['model']}`{revision} (`from_model`), which is also its reference model"
     record = link.get("export_of")
     if record:
         text += f"; that model is an export of this tool, made from the run `{record['run']}` ({lineage(record)})"

@@ -96,17 +96,16 @@ def build_trainer(recipe: Recipe, checked, aux_coef: float, parent: runs.Run | N
 
 def run_dpo(recipe: Recipe, overwrite: bool = False, callbacks=(), resume: bool = False):
     checked, recipe = resolved_recipe(recipe, "dpo")
-    if recipe.from_run:
-        parent = runs.read_run(recipe.from_run)
+    parent = runs.read_run(recipe.from_run) if recipe.from_run else None  # None: from_model
+    if parent is not None:
         recipe.from_run = str(parent.path)
-        start_chain = parent.chain
-    else:
-        parent, start_chain = None, [from_model.base_link(recipe.from_model)]
     aux_coef = recipe.router.aux_loss_coef
     inputs = prepare_inputs(recipe, aux_coef, parent)  # trainer_args inside refuses a bad launch too
     faults.point("data")  # test-only: a signal after data preparation, before anything is written
     rundir = staging.reserve(recipe, overwrite, resume)
     model = load_start(parent, checked, recipe.model)  # checks every adapter of the chain against its sha256 first
+    # after the load: a hub id's snapshot is in the cache, and base_link records its commit
+    start_chain = parent.chain if parent is not None else [from_model.base_link(recipe.from_model)]
 
     with staging.claimed(rundir, recipe):
         trainer, tokenizer, report, counts = build_trainer(recipe, checked, aux_coef, parent, callbacks, inputs, model)

@@ -161,9 +161,10 @@ def check(recipe: Recipe, stage: str | None = None) -> Checked:
         check_trainer_config(recipe, stage, problems)
     own_model = recipe.model
     model_ok = True  # False: from_model's folder is no checkpoint (reported), so there is no config to load
-    if stage == "dpo" and recipe.from_run:
+    # a from_run/from_model of another type than text is a structural problem already (recipe.problems)
+    if stage == "dpo" and recipe.from_run and isinstance(recipe.from_run, str):
         recipe = inherit_from_parent(recipe, problems)
-    elif stage == "dpo" and recipe.from_model:
+    elif stage == "dpo" and recipe.from_model and isinstance(recipe.from_model, str) and not recipe.from_run:
         before = len(problems)
         recipe = inherit_from_model(recipe, problems)
         model_ok = not any(p.where == "from_model" for p in problems[before:])

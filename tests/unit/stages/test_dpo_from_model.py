@@ -17,6 +17,7 @@ from finetune.errors import UserError
 from finetune.export import export
 from finetune.pipeline import run_pipeline
 from finetune.recipe import read_recipe
+from finetune.runs import from_model
 from finetune.stages.dpo import build_trainer, run_dpo
 from finetune.stages.sft import run_sft
 from finetune.validate import check
@@ -180,6 +181,8 @@ def test_from_model_checks(tmp_path, pref_file, exported, tiny_mixtral, sft_file
                for p in problems(from_model=str(model), model={"name_or_path": str(tiny_mixtral)}))
     sft_with_model = sft_recipe(tmp_path, tiny_mixtral, sft_file, from_model=str(model))
     assert any(p.startswith("from_model: only DPO recipes") for p in problems_of(recipe_file(tmp_path, **sft_with_model), "sft"))
+    assert problems(from_model=3) == ["from_model: expected str, got 3"]  # a wrong type: no traceback (nor for from_run)
+    assert problems(from_run=3) == ["from_run: expected str, got 3"]
     damaged = tmp_path / "damaged"
     damaged.mkdir()
     (damaged / "config.json").write_text((model / "config.json").read_text())
@@ -199,3 +202,21 @@ def test_pipeline_refuses_from_model(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="the pipeline trains DPO on the SFT run it has just made"):
         run_pipeline(str(recipes), [], with_passkey=False)
     assert [p.name for p in tmp_path.iterdir()] == ["recipes"]
+
+
+def test_hub_id_records_the_cached_revision(tmp_path, monkeypatch):
+    """A hub id names whatever its main branch holds today: the chain records the snapshot's commit,
+    read offline from the hub cache (here a fake one: nothing is downloaded)."""
+    import huggingface_hub.constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "models--someone--tiny-instruct"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / "config.json").write_text("{}")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    link = from_model.base_link("someone/tiny-instruct")
+    assert link == {"kind": "base", "model": "someone/tiny-instruct", "from_model": True, "revision": commit}
+    assert f"`someone/tiny-instruct` at revision {commit}" in from_model.describe(link)
+    assert from_model.base_link("someone/not-cached") == {"kind": "base", "model": "someone/not-cached", "from_model": True}
