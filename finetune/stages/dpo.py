@@ -73,8 +73,8 @@ def build_trainer(recipe: Recipe, checked, aux_coef: float, parent: runs.Run | N
     if model is None:
         model = load_start(parent, checked, recipe.model)
     # a 4-bit SFT run's adapter becomes the frozen "ref" adapter; a 4-bit from_model is its own reference
-    quantized = recipe.model.quantized and parent is not None
-    trainer_class = stacked.stacked_reference_trainer_class() if quantized else DPOTrainer
+    stacked_ref = recipe.model.quantized and parent is not None
+    trainer_class = stacked.stacked_reference_trainer_class() if stacked_ref else DPOTrainer
     wrap.seed_everything(recipe.seed)
     wrap.announce_router(checked.targets, aux_coef)
     trainer = trainer_class(
@@ -87,7 +87,7 @@ def build_trainer(recipe: Recipe, checked, aux_coef: float, parent: runs.Run | N
         peft_config=lora_config(checked.targets),
         callbacks=[NonFiniteGuard(), *extra_callbacks],
     )
-    if quantized:  # the SFT adapter as TRL's frozen "ref" adapter, stacked under the new one
+    if stacked_ref:  # the SFT adapter as TRL's frozen "ref" adapter, stacked under the new one
         stacked.add_reference_adapter(trainer.model, runs.adapter_dirs(parent)[0])
     counts = wrap.finish_wrap(trainer, checked.targets, recipe.lora.expert_path)
     wrap.attach_routing_metrics(trainer, staging.RunDir(Path(recipe.output_dir), staging.staging_for(recipe)))

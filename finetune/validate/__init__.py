@@ -25,13 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune import modeling, runs
-from finetune.runs import from_model
 from finetune.data import LOCAL_SUFFIXES
 from finetune.errors import Problem, UserError
 from finetune.lora.targets import Targets, expected_trainable, resolve_targets
 from finetune.moe import experts_modules
 from finetune.qlora.checks import parameter_target_problems, recipe_problems
 from finetune.recipe import Recipe
+from finetune.runs import from_model
 from finetune.validate.passthrough import check_eval_and_split, check_passthrough, check_trainer_config
 from finetune.validate.watching import check_watching
 

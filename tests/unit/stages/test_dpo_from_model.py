@@ -37,12 +37,12 @@ def exported(tmp_path_factory, tiny_mixtral, sft_file):
 
 
 def dpo_recipe(tmp_path, pref_file, name="dpo.yaml", **keys):
-    sections = dict(
-        output_dir=str(tmp_path / "dpo-run"),
-        data={"train": [str(pref_file)], "max_length": 64},
-        lora={"attention": {"r": 4, "alpha": 8}, "experts": {"r": 4, "alpha": 8}},
-        dpo={"max_steps": 2, "per_device_train_batch_size": 4, "logging_steps": 1, "learning_rate": 1e-2},
-    )
+    sections = {
+        "output_dir": str(tmp_path / "dpo-run"),
+        "data": {"train": [str(pref_file)], "max_length": 64},
+        "lora": {"attention": {"r": 4, "alpha": 8}, "experts": {"r": 4, "alpha": 8}},
+        "dpo": {"max_steps": 2, "per_device_train_batch_size": 4, "logging_steps": 1, "learning_rate": 1e-2},
+    }
     sections.update(keys)
     return recipe_file(tmp_path, name, **sections)
 
@@ -82,7 +82,7 @@ def test_dpo_from_an_export_records_it_and_exports(tmp_path, exported, pref_file
     assert json.loads((run / "metrics.json").read_text())["reference"].startswith(f"from_model {model}")
     card = (run / "README.md").read_text()
     assert f"applies to the base model `{model}` directly" in card
-    assert f"(`from_model`), which is also its reference model" in card and f"the run `{sft}`" in card
+    assert "(`from_model`), which is also its reference model" in card and f"the run `{sft}`" in card
     assert json.loads((run / "adapter_config.json").read_text())["base_model_name_or_path"] == str(model)
 
     # the export merges the DPO adapter into from_model, and its checks still pass
@@ -173,8 +173,8 @@ def test_from_model_checks(tmp_path, pref_file, exported, tiny_mixtral, sft_file
 
     assert problems(from_model="nobody/no-such-model")[0].startswith(
         "from_model: cannot load a config from `nobody/no-such-model`")  # offline: the hub cache and bundled configs only
-    assert problems(from_model="./nope") == [f"from_model: ./nope: no such local directory (relative paths are read "
-                                             f"from {Path.cwd()})"]
+    nope = f"from_model: ./nope: no such local directory (relative paths are read from {Path.cwd()})"
+    assert problems(from_model="./nope") == [nope]
     assert any(p.startswith("from_model:") and "name it in from_run" in p for p in problems(from_model=str(sft)))
     assert any(p.startswith("from_model:") and "no config.json" in p for p in problems(from_model=str(tmp_path)))
     assert any(p.startswith("model.name_or_path:") and "differs from from_model" in p
