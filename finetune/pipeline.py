@@ -95,6 +95,9 @@ def run_pipeline(recipe_dir: str, eval_data: list[str], export_dir: str | None =
             raise UserError(f"--eval-data {path}: file not found")
     sft_recipe = read_recipe(sft_path, overrides)
     dpo_recipe = read_recipe(dpo_path, [f"from_run={sft_recipe.output_dir}"])
+    if dpo_recipe.from_model:
+        raise UserError(f"{dpo_path}: from_model `{dpo_recipe.from_model}`: the pipeline trains DPO on the SFT run it "
+                        f"has just made; remove from_model, or train on that model alone with `finetune dpo {dpo_path}`")
     export_dir = export_dir or str(Path("exports") / directory.name)
     timings, t0 = {}, time.perf_counter()
 

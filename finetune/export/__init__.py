@@ -173,6 +173,8 @@ def _export(run, output, base_dir, adapter_dirs, tokenizer, dtype, torch_dtype, 
             "tokenizer": tokenizer_info, "end_of_turn_token": eot,
             "seconds": time.perf_counter() - started,
         }
+        if run.chain[0].get("from_model"):  # DPO from a model: the merge's base, with an export's own record
+            manifest["from_model"] = {k: v for k, v in run.chain[0].items() if k not in ("kind", "from_model")}
         if run.recipe.model.quantized:
             # a 4-bit (QLoRA) run merged into the original 16-bit base: compared with its 4-bit self too
             probe = probe_batch(tokenizer)

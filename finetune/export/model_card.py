@@ -13,6 +13,7 @@ import yaml
 from finetune.recipe import recipe_to_dict
 from finetune.runs import Run, read_run
 from finetune.runs.adapter_card import hub_id
+from finetune.runs.from_model import describe
 
 
 def _stage_section(stage_run: Run) -> list[str]:
@@ -70,6 +71,7 @@ def write_model_card(directory: Path, name: str, run: Run, manifest: dict) -> No
         "",
         "Chain: " + " -> ".join([f"base {base_text}"] + [f"{s.metrics.get('stage', '?')} `{s.path.name}`" for s in stages]),
         "",
+        *([describe(run.chain[0]), ""] if describe(run.chain[0]) else []),
         f"Adapters merged into the base weights in float32 and saved in {manifest['dtype']}. Checks "
         f"({forward['mode']}): merged tensors equal base + PEFT's deltas within "
         f"{checks['tensors']['max_relative_error']:.1e}; the float32 merge's logits match the unmerged chain within "

@@ -44,7 +44,7 @@ def recipe_problems(recipe, own_model=None) -> list:
 def parameter_target_problems(recipe, targets, model, moe) -> list:
     """4-bit DPO stacks its adapter on the SFT one, and PEFT allows several adapters on raw
     parameters (target_parameters: experts, router LoRA) only if they all target the same ones."""
-    if not recipe.model.quantized or not recipe.from_run:
+    if not recipe.model.quantized or not isinstance(recipe.from_run, str) or not recipe.from_run:
         return []
     try:
         parent = runs.read_run(recipe.from_run)

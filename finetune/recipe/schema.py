@@ -120,7 +120,10 @@ class Recipe:
     lora: LoraSection = field(default_factory=LoraSection)
     router: RouterSection = field(default_factory=RouterSection)
     from_run: str | None = None
-    """DPO: the SFT run directory this stage starts from (base model and tokenizer come from it)."""
+    """DPO: the SFT run directory this stage starts from (base model and tokenizer come from it); or from_model."""
+    from_model: str | None = None
+    """DPO without an SFT run: the model to start from and compare with (the reference): a hub id, a local
+    checkpoint folder, or an export of this tool. Exactly one of from_run and from_model."""
     seed: int = 42
     """Seed for data shuffling and LoRA initialisation."""
     sft: dict = field(default_factory=dict)

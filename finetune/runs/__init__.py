@@ -13,10 +13,11 @@
 A run directory is complete only when chain.json exists: it is written last, and the directory
 is renamed into place only after that (finetune/runs/outputs.py). chain.json is a list, oldest first:
 [{"kind": "base", "model": ...}, {"kind": "sft", "run": "../sft", "sha256": ...}, {"kind": "dpo",
-"run": ".", "sha256": ...}]. Runs are named relative to the run holding the chain when they sit
-side by side (same parent directory), absolute otherwise, so `cp -r runs runs2` or `mv` gives a
-run that rebuilds from its own files; each adapter's sha256 is checked whenever the chain is
-rebuilt. A run's recipe.yaml names its from_run the same way (relative to the run directory).
+"run": ".", "sha256": ...}]; a DPO run that started from a model (`from_model:`) has that model as
+its base entry, marked `"from_model": true` (finetune/runs/from_model.py). Runs are named
+relative to the run holding the chain when they sit side by side (same parent directory),
+absolute otherwise, so `cp -r runs runs2` or `mv` gives a run that rebuilds from its own files;
+each adapter's sha256 is checked whenever the chain is rebuilt. A run's recipe.yaml names its from_run the same way (relative to the run directory).
 """
 
 from __future__ import annotations

@@ -16,6 +16,8 @@ import json
 import re
 from pathlib import Path
 
+from finetune.runs.from_model import describe
+
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -69,6 +71,8 @@ def write_adapter_card(out: Path, stage: str, chain: list[dict]) -> None:
         ]
     else:
         where = [f"This adapter applies to the base model `{base}` directly."]
+        if describe(chain[0]):  # DPO from_model: the model it started from is the base, and the reference
+            where += ["", describe(chain[0])]
     lines = meta + [
         f"# {stage.upper()} LoRA adapter (finetune)",
         "",

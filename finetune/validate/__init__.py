@@ -1,7 +1,8 @@
 """Whole-recipe checks that need the disk or the model: everything `finetune validate` reports.
 
 Structure (keys, types, choices) is checked in finetune/recipe/; here: the stage's sections,
-files that must exist, the parent run of a DPO recipe, LoRA targets against the model's module
+files that must exist, the parent run of a DPO recipe (or its from_model: a checkpoint, an
+export or a hub id; exactly one of the two), LoRA targets against the model's module
 tree built on the meta device (no weights: instant even for Mixtral-8x7B), router options on a
 dense model, the `sft:`/`dpo:` pass-through keys against trl.SFTConfig/DPOConfig (names, value
 types read from TRL's dataclass, ranges training would reject, then the config itself is
@@ -30,6 +31,7 @@ from finetune.lora.targets import Targets, expected_trainable, resolve_targets
 from finetune.moe import experts_modules
 from finetune.qlora.checks import parameter_target_problems, recipe_problems
 from finetune.recipe import Recipe
+from finetune.runs import from_model
 from finetune.validate.passthrough import check_eval_and_split, check_passthrough, check_trainer_config
 from finetune.validate.watching import check_watching
 
@@ -48,7 +50,7 @@ class Checked:
 
 
 def stage_of(recipe: Recipe) -> str:
-    return "dpo" if recipe.from_run or recipe.dpo else "sft"
+    return "dpo" if recipe.from_run or recipe.from_model or recipe.dpo else "sft"
 
 
 def _check_stage_sections(recipe: Recipe, stage: str, problems: list[Problem]) -> None:
@@ -57,13 +59,21 @@ def _check_stage_sections(recipe: Recipe, stage: str, problems: list[Problem]) -
             problems.append(Problem("dpo", "an SFT recipe has an `sft:` section, not `dpo:` (use `finetune dpo` for DPO)"))
         if recipe.from_run:
             problems.append(Problem("from_run", "only DPO recipes start from a run; `finetune sft` starts from model.name_or_path"))
+        if recipe.from_model:
+            problems.append(Problem("from_model", "only DPO recipes start from from_model; `finetune sft` starts from "
+                                    "model.name_or_path"))
         if not recipe.model.name_or_path:
             problems.append(Problem("model.name_or_path", "required: a local model directory or a hub id"))
     else:
         if recipe.sft:
             problems.append(Problem("sft", "a DPO recipe has a `dpo:` section, not `sft:`"))
-        if not recipe.from_run:
-            problems.append(Problem("from_run", "required: the SFT run directory this DPO stage starts from"))
+        if recipe.from_run and recipe.from_model:
+            problems.append(Problem("from_model", f"given together with from_run `{recipe.from_run}`: a DPO stage starts "
+                                    "from one of them; keep from_run (an SFT run of this tool) or from_model (any "
+                                    "model), remove the other (--set from_run=null)"))
+        elif not recipe.from_run and not recipe.from_model:
+            problems.append(Problem("from_run", "required, or from_model: the SFT run directory this DPO stage starts "
+                                    "from, or the model it starts from (a hub id, a local checkpoint or an export)"))
     if not recipe.output_dir:
         problems.append(Problem("output_dir", "required: where the run writes its adapter and metrics"))
     if not recipe.data.train:
@@ -97,6 +107,45 @@ def inherit_from_parent(recipe: Recipe, problems: list[Problem]) -> Recipe:
     return resolved
 
 
+def inherit_from_model(recipe: Recipe, problems: list[Problem]) -> Recipe:
+    """A DPO recipe with from_model starts from that model: it becomes model.name_or_path (the rest of
+    the recipe's model section applies to it). A local folder must be a checkpoint (config.json),
+    not a run of this tool; an export's record must be readable. A hub id is checked like any
+    model name (the config from the hub cache, the bundled copies or the hub; no weights)."""
+    name = recipe.from_model
+    path = Path(name)
+    if path.exists():
+        if not path.is_dir():
+            problems.append(Problem("from_model", f"{name} is a file; name a checkpoint folder, an export or a hub id"))
+        elif runs.is_run(path):
+            problems.append(Problem("from_model", f"{name} is a run of this tool (chain.json): it holds an adapter, not a "
+                                    "model; name it in from_run instead (and remove from_model)"))
+        elif not (path / "config.json").is_file():
+            problems.append(Problem("from_model", f"{name} has no config.json: not a model checkpoint (save the model "
+                                    "with save_pretrained, or export the run with `finetune export`)"))
+        else:
+            try:
+                from_model.export_record(path)
+            except UserError as exc:
+                problems.extend(Problem("from_model", str(p)) for p in exc.problems)
+    elif name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
+        problems.append(Problem("from_model", f"{name}: no such local directory (relative paths are read from {Path.cwd()})"))
+    resolved = copy.deepcopy(recipe)
+    own = recipe.model.name_or_path
+    if own and own != name and not (path.exists() and Path(own).exists() and Path(own).resolve() == path.resolve()):
+        problems.append(Problem("model.name_or_path", f"`{own}` differs from from_model `{name}`; remove it (DPO starts "
+                                "from from_model)"))
+    resolved.model.name_or_path = name
+    return resolved
+
+
+def _rekey(found: list[Problem], key: str) -> list[Problem]:
+    """modeling's messages name model.name_or_path; from a from_model recipe they are about from_model."""
+    if not key:
+        return found
+    return [Problem(key, str(p).removeprefix("model.name_or_path: ")) if not p.where else p for p in found]
+
+
 def check(recipe: Recipe, stage: str | None = None) -> Checked:
     """Every problem with the recipe, raised at once as a UserError; else what was resolved."""
     stage = stage or stage_of(recipe)
@@ -111,16 +160,24 @@ def check(recipe: Recipe, stage: str | None = None) -> Checked:
     if passthrough_ok and not any(p.where.split(".")[0] in (stage, "seed", "data") for p in problems):
         check_trainer_config(recipe, stage, problems)
     own_model = recipe.model
-    if stage == "dpo" and recipe.from_run:
+    model_ok = True  # False: from_model's folder is no checkpoint (reported), so there is no config to load
+    # a from_run/from_model of another type than text is a structural problem already (recipe.problems)
+    if stage == "dpo" and recipe.from_run and isinstance(recipe.from_run, str):
         recipe = inherit_from_parent(recipe, problems)
+    elif stage == "dpo" and recipe.from_model and isinstance(recipe.from_model, str) and not recipe.from_run:
+        before = len(problems)
+        recipe = inherit_from_model(recipe, problems)
+        model_ok = not any(p.where == "from_model" for p in problems[before:])
+    # with from_model, what goes wrong loading the model's config is from_model's problem
+    key = "from_model" if stage == "dpo" and recipe.from_model and not recipe.from_run else ""
     if not any(p.where == "model.quantization" for p in recipe.problems):  # QLoRA's own rules (finetune/qlora/checks.py)
         problems.extend(recipe_problems(recipe, own_model if stage == "dpo" else None))
     config, targets, moe, trainable = None, Targets(), False, None
-    if recipe.model.name_or_path:
+    if recipe.model.name_or_path and model_ok:
         try:
             config = modeling.load_config(recipe.model)
         except UserError as exc:
-            problems.extend(exc.problems)
+            problems.extend(_rekey(exc.problems, key))
     # Matching targets needs well-typed model/lora/router sections; their type errors are reported already.
     typed = not any(p.where.split(".")[0].split("[")[0] in ("model", "lora", "router") for p in recipe.problems)
     if config is not None and typed:
@@ -128,7 +185,7 @@ def check(recipe: Recipe, stage: str | None = None) -> Checked:
         try:
             model = modeling.meta_model(config, recipe.model.trust_remote_code)
         except UserError as exc:
-            problems.extend(exc.problems)
+            problems.extend(_rekey(exc.problems, key))
         else:
             # the module tree decides too: config field names for the expert count differ by family
             moe = moe or bool(experts_modules(model))

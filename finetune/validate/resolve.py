@@ -46,4 +46,6 @@ def absolute(recipe: Recipe) -> Recipe:
     out.output_dir = str(Path(out.output_dir).resolve())
     if out.from_run:
         out.from_run = fix(out.from_run)
+    if out.from_model:
+        out.from_model = fix(out.from_model)
     return out
