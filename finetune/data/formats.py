@@ -182,18 +182,22 @@ def resolve(columns, fmt: str, mapping: dict, kind: str, label: str) -> tuple[st
 
     Checks what finetune validate and the preparation both check before any row is converted: every
     mapped column exists, `columns:` names only format columns, the format is one of the stage's and
-    the row has its columns; format auto finds one or the problem names the mapping to write."""
-    columns = [str(c) for c in columns]
+    the row has its columns; format auto finds one or the problem names the mapping to write.
+    columns None (a hub data set validate does not read): only what needs no row."""
     problems = []
+    if fmt != "auto" and fmt in FORMATS and kind not in FORMATS[fmt].needs:
+        return None, [("format", (f"`{fmt}` is not a {STAGE[kind]} format; {STAGE[kind]} formats: auto, "
+                                  f"{', '.join(DETECT[kind])}"))]
     for f, s in mapping.items():
         if f not in COLUMNS:
             problems.append((f"columns.{f}", f"`{f}` is not a column of any format (they are {', '.join(COLUMNS)})"
                              + did_you_mean(str(f), COLUMNS)))
-        elif s not in columns:
-            problems.append((f"columns.{f}", f"no column `{s}` in {label} (columns found: {', '.join(columns)})"
-                             + did_you_mean(str(s), columns)))
-    if problems:
+        elif columns is not None and s not in map(str, columns):
+            problems.append((f"columns.{f}", f"no column `{s}` in {label} (columns found: {', '.join(map(str, columns))})"
+                             + did_you_mean(str(s), [str(c) for c in columns])))
+    if problems or columns is None or fmt not in (*FORMATS, "auto"):
         return None, problems
+    columns = [str(c) for c in columns]
     mapped = [c for c in columns if c not in mapping.values()] + list(mapping)
     found = ", ".join(columns) or "none"
     if fmt == "auto":
@@ -203,9 +207,6 @@ def resolve(columns, fmt: str, mapping: dict, kind: str, label: str) -> tuple[st
             return None, [("", (f"{label}: its columns ({found}) match no {STAGE[kind]} format ({formats}); say which "
                                 f"columns hold what, e.g. {{path: {label}, {suggestion(columns, kind)}}}"))]
         return fmt, []
-    if kind not in FORMATS[fmt].needs:
-        fits = ", ".join(n for n in DETECT[kind])
-        return None, [("format", f"`{fmt}` is not a {STAGE[kind]} format; {STAGE[kind]} formats: auto, {fits}")]
     missing = [c for c in FORMATS[fmt].needs[kind] if c not in mapped]
     if missing:
         return None, [("format", (f"format {fmt} needs the column(s) {', '.join(missing)}; {label} has {found}: map "

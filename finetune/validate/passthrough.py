@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from finetune.data.files import count_rows
+from finetune.data.sources import count_rows
 from finetune.errors import Problem, UserError, did_you_mean
 from finetune.recipe import BOOL_HINT, YAML11_BOOLS, Recipe
 from finetune.train.args import STAGE_DEFAULTS, trainer_args
