@@ -136,7 +136,7 @@ def write_rows(entries: list, path: Path, features, desc: str, payload) -> dict[
     cannot be read becomes one row with number 0 and `payload(error)`. Returns each source's first
     rows (their columns tell its format)."""
     from datasets.arrow_writer import ArrowWriter  # datasets: only when preparing (validate stays fast)
-    from datasets.utils.tqdm import tqdm
+    from datasets.utils.tqdm import tqdm  # with ArrowWriter above
 
     local = [local_path(s) for s in entries]
     total = sum(p.stat().st_size for p in local if p is not None and p.is_file())
