@@ -45,7 +45,7 @@ def _turns(items, what: str) -> list:
             continue
         if "from" not in turn or "value" not in turn:
             raise RowError(f"`{what}[{i}]` must have `from` and `value`; it has {', '.join(map(str, turn)) or 'nothing'}")
-        role = ROLE_NAMES.get(turn["from"])
+        role = ROLE_NAMES.get(turn["from"].lower()) if isinstance(turn["from"], str) else None  # GPT, Human too
         if role is None:
             raise RowError(f"`{what}[{i}].from` is `{turn['from']}`; expected one of {', '.join(ROLE_NAMES)}")
         out.append({"role": role, "content": turn["value"]})
@@ -59,6 +59,12 @@ def _system(row: dict) -> list[dict]:
 
 def _passthrough(row: dict, kind: str) -> dict:
     return row
+
+
+def _messages(row: dict, kind: str) -> dict:
+    """messages rows as before formats existed; `{from, value}` turns in them (a ShareGPT column mapped
+    onto messages) become messages."""
+    return {**row, "messages": _answer(row["messages"], "messages")} if _is_sharegpt(row.get("messages")) else row
 
 
 def _sharegpt(row: dict, kind: str) -> dict:
@@ -84,11 +90,13 @@ def _alpaca(row: dict, kind: str) -> dict:
     return {"prompt": prompt, "chosen": row["chosen"], "rejected": row["rejected"]}
 
 
+def _is_sharegpt(value) -> bool:
+    return isinstance(value, list) and bool(value) and isinstance(value[0], dict) and "from" in value[0]
+
+
 def _answer(value, what: str):
     """A preference answer: text, a message list as the converters take it, or ShareGPT turns."""
-    sharegpt = isinstance(value, dict) or (isinstance(value, list) and value and isinstance(value[0], dict)
-                                           and "from" in value[0])
-    return _turns(value, what) if sharegpt else value
+    return _turns(value, what) if isinstance(value, dict) or _is_sharegpt(value) else value
 
 
 def _preference(row: dict, kind: str) -> dict:
@@ -105,7 +113,7 @@ class Format:
 
 
 FORMATS = {
-    "messages": Format({"sft": ("messages",)}, (), _passthrough),
+    "messages": Format({"sft": ("messages",)}, (), _messages),
     "prompt_completion": Format({"sft": ("prompt", "completion")}, (), _passthrough),
     "sharegpt": Format({"sft": ("conversations",), "preference": ("conversations", "chosen", "rejected")}, ("system",),
                        _sharegpt),

@@ -109,6 +109,11 @@ def test_shape_of_system_turns_and_role_names():
         {"role": "system", "content": "Be exact."}, {"role": "user", "content": "Add\n\n1 2"}]
     with pytest.raises(RowError, match=r"`conversations\[1\].from` is `bot`; expected one of human, user, gpt"):
         formats.to_shape({"conversations": [{"from": "human", "value": "a"}, {"from": "bot", "value": "b"}]}, "auto", {}, "sft")
+    turns = [{"from": "Human", "value": "hi"}, {"from": "GPT", "value": "yo"}]  # mapped onto messages, capitalised
+    assert formats.to_shape({"chat": turns}, "auto", {"messages": "chat"}, "sft") == {"messages": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    with pytest.raises(RowError, match=r"no column `chat` \(columns.messages\) in this row; its columns: talk"):
+        formats.to_shape({"talk": turns}, "auto", {"messages": "chat"}, "sft")
     with pytest.raises(RowError, match=r"format alpaca needs output"):
         formats.to_shape({"instruction": "a"}, "alpaca", {}, "sft")
 
