@@ -116,11 +116,15 @@ def detect_formats(entries: list, heads: dict[int, list[str]], kind: str, where:
             out.append(s.format)
             continue
         fmt = resolve_format(s, f"{where}[{i}]", list(rows[0]), kind)
-        how = "as set" if s.format != "auto" else f"detected from its columns: {', '.join(map(str, rows[0]))}"
-        log.info("%s[%d] %s: format %s (%s)%s", where, i, s, fmt, how,
-                 f", columns {s.columns}" if s.columns else "")
+        log_format(f"{where}[{i}]", s, fmt, list(rows[0]))
         out.append(fmt)
     return out
+
+
+def log_format(where: str, s: DataSource, fmt: str, columns: list) -> None:
+    """Say which format a source is read as (validate and the preparation say it the same way)."""
+    how = "as set" if s.format != "auto" else f"detected from its columns: {', '.join(map(str, columns))}"
+    log.info("%s %s: format %s (%s)%s", where, s, fmt, how, f", columns {s.columns}" if s.columns else "")
 
 
 def _loads(text: str):

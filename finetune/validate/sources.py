@@ -42,7 +42,9 @@ def _check_one(entry, where: str, kind: str) -> list[Problem]:
         except UserError as exc:
             return [Problem(where, p.what if not p.where else f"{p.where}: {p.what}") for p in exc.problems]
         columns = list(rows[0]) if rows else None  # an empty file: the preparation says so
-    _, found = formats.resolve(columns, s.format, s.columns, kind, str(s))
+    fmt, found = formats.resolve(columns, s.format, s.columns, kind, str(s))
+    if fmt is not None:
+        sources.log_format(where, s, fmt, columns)
     problems = [Problem(f"{where}.{k}" if k else where, what) for k, what in found]
     if path is not None and isinstance(s.samples, int) and not s.replace:
         rows_in = sources.count_rows(s)

@@ -5,6 +5,7 @@ stops on them with nothing loaded or written."""
 from __future__ import annotations
 
 import csv
+import logging
 
 import pytest
 from conftest import TINY_MOE, recipe_file, write_jsonl
@@ -36,12 +37,15 @@ def problems_of(path) -> list[str]:
     return [str(p) for p in info.value.problems]
 
 
-def test_sharegpt_file_without_format_or_columns_validates(tmp_path, files):
+def test_sharegpt_file_without_format_or_columns_validates(tmp_path, files, caplog):
     sharegpt, qa = files
     train = [str(sharegpt), {"path": str(qa), "format": "prompt_completion", "columns": {"prompt": "question",
                                                                                      "completion": "answer"}}]
-    checked = check(read_recipe(recipe(tmp_path, train)), "sft")
+    with caplog.at_level(logging.INFO, logger="finetune"):
+        checked = check(read_recipe(recipe(tmp_path, train)), "sft")
     assert checked.stage == "sft"
+    assert f"data.train[0] {sharegpt}: format sharegpt (detected from its columns: conversations)" in caplog.text
+    assert f"data.train[1] {qa}: format prompt_completion (as set), columns" in caplog.text
 
 
 def test_bad_sources_are_validate_errors_naming_the_key(tmp_path, files):
