@@ -22,8 +22,8 @@ import torch
 from transformers import TrainerCallback
 
 from finetune.data.files import read_rows
-from finetune.data.sources import read_shaped
 from finetune.data.rows import RowError, as_messages, check_messages
+from finetune.data.sources import read_shaped
 from finetune.errors import UserError
 
 log = logging.getLogger("finetune")

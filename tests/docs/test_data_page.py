@@ -17,7 +17,7 @@ from finetune.modeling import load_tokenizer
 from finetune.recipe import ModelSection, recipe_from_dict
 
 PAGE = (REPO / "docs" / "data.md").read_text(encoding="utf-8")
-FENCE = re.compile(r"^```(json|yaml)\n(.*?)^```", re.S | re.M)
+FENCE = re.compile(r"^```(json|yaml)\n(.*?)^```", re.DOTALL | re.MULTILINE)
 PREFERENCE = PAGE.index("### Preference rows")
 
 

@@ -37,9 +37,9 @@ def test_counts_are_exact(sizes, settings, want):
 def test_samples_beyond_a_source_without_replacement_is_an_error():
     with pytest.raises(UserError) as info:
         mixture.counts([10, 20], specs({"samples": 4}, {"samples": 25}), "data.train")
-    assert [str(p) for p in info.value.problems] == [
+    assert [str(p) for p in info.value.problems] == [(
         "data.train[1].samples: 25 rows asked of s1.jsonl, which has 20 usable row(s); lower samples, or set "
-        "replace: true to draw with replacement"]
+        "replace: true to draw with replacement")]
 
 
 def test_draws_are_seeded_and_without_replacement_unless_asked():

@@ -190,3 +190,11 @@ def test_recipe_parses_strings_and_mappings_with_dotted_errors():
     assert recipe.data.eval == [DataSource(name="x/y", split="test")] and str(recipe.data.eval[0]) == "x/y:test"
     assert [str(p) for p in problems] == ["data.train[1].columns.prompt: expected str, got 3",
                                           "data.train[2]: expected str or a mapping of DataSource keys, got 5"]
+
+
+def test_sample_prompts_read_eval_sources_in_their_format(tmp_path):
+    from finetune.train.samples import read_prompts  # torch: only this test needs the trainer callbacks
+
+    rows = tiny_rows("sft_eval.jsonl", 3)
+    path = write_jsonl(tmp_path / "eval.jsonl", [sharegpt(r) for r in rows])
+    assert read_prompts(2, [DataSource(path=str(path))]) == [[r["messages"][0]] for r in rows[:2]]
