@@ -37,6 +37,10 @@ def _check_one(entry, where: str, kind: str) -> list[Problem]:
     if path is not None:
         if not path.exists():
             return [Problem(where, f"file not found: {s.path} (relative to {Path.cwd()})")]
+        given = [k for k in ("config", "split", "data_files") if getattr(s, k)]
+        if path.is_file() and given:  # it would be ignored: say so rather than read the whole file
+            return [Problem(f"{where}.{k}", f"applies to hub data sets and folders; {s.path} is a file: remove it")
+                    for k in given]
         try:
             rows = sources.first_rows(s)
         except UserError as exc:

@@ -58,6 +58,7 @@ def test_bad_sources_are_validate_errors_naming_the_key(tmp_path, files):
         {"path": str(sharegpt), "weight": float("nan")},
         {"path": str(sharegpt), "samples": 9},
         {"path": str(sharegpt), "weight": 1, "samples": 2},
+        {"path": str(sharegpt), "samples": 1, "split": "test"},
     ]
     evals = [{"path": str(sharegpt), "weight": 0}, {"path": str(sharegpt), "weight": 0}]
     found = problems_of(recipe(tmp_path, train, eval=evals))
@@ -74,6 +75,7 @@ def test_bad_sources_are_validate_errors_naming_the_key(tmp_path, files):
            "draw with replacement" in found
     assert "data.train[6]: weight and samples are both set; give one (weight: a share of the mixture, samples: a " \
            "number of rows)" in found
+    assert f"data.train[7].split: applies to hub data sets and folders; {sharegpt} is a file: remove it" in found
     assert "data.eval: the weights sum to 0; give at least one source a positive weight" in found
     # the weighted list asks every source for its share
     assert any(p.startswith("data.train[2]: data.train[3] has a weight, so every source") for p in found)
