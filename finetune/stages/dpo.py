@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from finetune import distributed, modeling, runs
+from finetune import balancing, distributed, modeling, runs
 from finetune.dataprep import build_datasets, wants_eval
 from finetune.guards import NonFiniteGuard
 from finetune.load.chain import load_chain
@@ -60,10 +60,11 @@ def build_trainer(recipe: Recipe, checked, aux_coef: float, parent: runs.Run, ex
     tokenizer, train, eval_ds, report, args = inputs or prepare_inputs(recipe, aux_coef, parent)
     if model is None:
         model = load_start(parent, checked)
+    balancing.apply_aux_loss(model, aux_coef, checked.balancing)  # TRL's DPOTrainer leaves the config as loaded
     quantized = recipe.model.quantized
     trainer_class = stacked.stacked_reference_trainer_class() if quantized else DPOTrainer
     wrap.seed_everything(recipe.seed)
-    wrap.announce_router(checked.targets, aux_coef)
+    wrap.announce_router(checked.targets, aux_coef, checked.balancing)
     trainer = trainer_class(
         model=model,
         ref_model=None,

@@ -23,7 +23,7 @@ LAYERS = [
     ["load"],
     ["qlora"],
     ["lora"],
-    ["modeling", "moe", "data", "dataprep", "datacache", "datafiles", "hub", "runs", "distributed", "guards"],
+    ["modeling", "moe", "balancing", "data", "dataprep", "datacache", "datafiles", "hub", "runs", "distributed", "guards"],
     ["recipe"],
     ["errors"],
 ]
