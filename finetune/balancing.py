@@ -142,25 +142,23 @@ def coef_problems(coef, balancing: Balancing) -> list[Problem]:
 
 
 def apply_aux_loss(model: nn.Module, coef: float, balancing: Balancing | None) -> None:
-    """Set the model's config (and the CausalLM's copy of the coefficient) so that the aux loss is
-    on exactly when `coef` > 0, weighted by `coef`, in every stage.
+    """Put the recipe's coefficient where the model reads it, the same before SFT and DPO.
 
-    TRL's SFTTrainer sets the two config fields itself, DPOTrainer does not, and the model reads
-    `output_router_logits` from its config for any forward without the flag (the evaluation loop,
-    the model's own loss): setting them here before either trainer is built makes SFT and DPO
-    alike. CausalLM modules copy `router_aux_loss_coef` at construction and add it to their own
-    loss (used by TRL's sequence-parallel path), so that copy is set too.
+    TRL weights `outputs.aux_loss` by its own `router_aux_loss_coef` and asks for router logits
+    per forward: the training forward in SFT (SFTTrainer also switches the config on) and the
+    policy forward in DPO (a flag), not DPO's reference forward. So `output_router_logits` stays
+    off in the config (a checkpoint saved with it on would make every other forward compute a
+    discarded aux loss), and the coefficient goes into the text config and the CausalLM's copy,
+    which it takes at construction and adds to its own loss (TRL's sequence-parallel path uses
+    that loss), so `router.aux_loss_coef` takes effect there too.
     """
-    on = bool(coef) and balancing is not None and balancing.aux_loss
-    configs = _configs(model)
-    for config in configs:
-        if hasattr(config, SWITCH_FIELD):
-            setattr(config, SWITCH_FIELD, on)
-    if on:
-        setattr(configs[-1], COEF_FIELD, float(coef))
-        for module in model.modules():
-            if isinstance(getattr(module, COEF_FIELD, None), float):
-                setattr(module, COEF_FIELD, float(coef))
+    router_logits_off(model)
+    if balancing is None or not balancing.aux_loss:
+        return  # validate refused a non-zero coefficient for such a family
+    setattr(_configs(model)[-1], COEF_FIELD, float(coef))
+    for module in model.modules():
+        if isinstance(getattr(module, COEF_FIELD, None), float):
+            setattr(module, COEF_FIELD, float(coef))
 
 
 def _configs(model: nn.Module) -> list:
@@ -171,9 +169,10 @@ def _configs(model: nn.Module) -> list:
 
 
 def router_logits_off(model: nn.Module) -> None:
-    """Switch off `output_router_logits` for inference. A checkpoint saved with it on makes every
-    forward compute the aux loss, and inside `generate` (one new token per step against the whole
-    attention mask) that fails with a shape mismatch in batched generation."""
+    """Switch off `output_router_logits` in the config (for training and inference). A checkpoint
+    saved with it on makes every forward compute the aux loss, and inside `generate` (one new
+    token per step against the whole attention mask) that fails with a shape mismatch in batched
+    generation."""
     for config in _configs(model):
         if getattr(config, SWITCH_FIELD, False):
             setattr(config, SWITCH_FIELD, False)
