@@ -212,3 +212,25 @@ def test_router_policy_covers_router_parameters_and_keeps_buffers(model_type, po
         assert copies and all(torch.equal(before[n], after[n]) for n in copies)
     note = found.policy_note(policy)
     assert all(p in note for p in found.router_parameters) and all(b in note for b in found.router_buffers)
+
+
+def test_docs_table_matches_the_computed_balancing():
+    """docs/routing.md's per-family table: aux loss, declared coefficient, router parameters and buffers as computed."""
+    text = (REPO / "docs" / "routing.md").read_text(encoding="utf-8")
+    section = text[text.index("## Aux loss"):]
+    rows = {}
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[cells[0].strip("`")] = cells
+    assert set(rows) == set(FAMILIES)
+    for model_type, (aux, params, buffers) in FAMILIES.items():
+        config = tiny_config(model_type)
+        found = balancing.of_model(config, modeling.meta_model(config))
+        cells = rows[model_type]
+        assert cells[1].startswith("yes" if found.aux_loss else "no"), model_type
+        coef = getattr(type(config)(), "router_aux_loss_coef", None)  # the config class's default
+        assert ("`router_aux_loss_coef`" in cells[2]) == (coef is not None), model_type
+        assert coef is None or f"`router_aux_loss_coef` {coef:g}" in cells[2], model_type
+        assert cells[3].split(" (")[0] == ", ".join(found.router_parameters), model_type
+        assert cells[4] == ", ".join(f"`{b}`" for b in found.router_buffers), model_type
