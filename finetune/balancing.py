@@ -12,10 +12,13 @@ Families differ, and the config alone does not say which is which (checked with 
 - Llama-4's config declares `router_aux_loss_coef` (0.001) although its forward computes none;
 - Gemma-4 has neither field.
 So whether a family has an aux loss is read from its CausalLM forward (it assigns `aux_loss` from
-a call), and its bias buffers from its routers (finetune/moe.py's find_routers). TRL adds the aux
-loss in SFT and DPO from `outputs.aux_loss`; with a coefficient on a family that returns None it
-fails mid-step (`float * None`), and on one without `output_router_logits` it refuses in the
-trainer's constructor, after the weights loaded: validate says so first.
+a call), and its bias buffers from its routers (finetune/moe.py's find_routers). TRL's SFT and DPO
+forwards (its fused LM head) compute the aux loss themselves, with Mixtral's
+load_balancing_loss_func, from the router logits of any model that returns them: for the families
+above that have one it equals their own (tests/unit/test_balancing.py); on DeepSeek-V3 a
+coefficient stopped the run with an AttributeError after the weights loaded (its config names
+no `num_local_experts`), and elsewhere it would impose a loss the family was not trained with.
+Validate refuses such a coefficient first.
 Layer: beside modeling and moe; imports them and errors.
 """
 

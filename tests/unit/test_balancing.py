@@ -110,6 +110,20 @@ def test_family_balancing_matches_its_forward(model_type):
     assert out.aux_loss.item() > 0.5  # a real value (about 1 for balanced routing), not a zero that passes anyway
     torch.testing.assert_close(out.loss, plain.loss + coef * expected, rtol=1e-6, atol=1e-6)
 
+    # What SFT and DPO train with: TRL's fused LM head forward computes the aux loss itself from the
+    # backbone's router logits (Mixtral's function, text_config.num_experts, the config's coefficient)
+    from trl.trainer.utils import add_fused_lm_head
+
+    modeling.alias_expert_count(model.config)  # as load_pretrained does (Phi-3.5-MoE, Granite-MoE)
+    add_fused_lm_head(model)
+    with torch.no_grad():
+        fused, logits = captured_router_logits(model, lambda: model(
+            input_ids=ids, attention_mask=mask, labels=ids, output_router_logits=True, fused_lm_head=True))
+    torch.testing.assert_close(fused.aux_loss, family.load_balancing_loss_func(logits, experts, cfg.num_experts_per_tok,
+                                                                               mask), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(fused.aux_loss, out.aux_loss, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(fused.loss, plain.loss + coef * fused.aux_loss, rtol=1e-5, atol=1e-5)
+
 
 def test_apply_aux_loss_off_and_inference_switch():
     config = tiny_config("mixtral")
