@@ -38,7 +38,7 @@ def test_eval_generates_on_a_checkpoint_saved_with_router_logits_on(logits_on_ch
 
 def test_the_same_checkpoint_loaded_plainly_fails_in_generate(logits_on_checkpoint):
     """The failure the switch prevents (so the test above can fail)."""
-    model, tokenizer = load_for_inference(str(logits_on_checkpoint), "float32", "cpu")
+    _, tokenizer = load_for_inference(str(logits_on_checkpoint), "float32", "cpu")
     plain = AutoModelForCausalLM.from_pretrained(logits_on_checkpoint).eval()
     with pytest.raises(RuntimeError, match="size of tensor"):
         exact_match(plain, tokenizer, ROWS, max_new_tokens=3, batch_size=2)
