@@ -98,7 +98,8 @@ def dispatch(args) -> int:
     from finetune.recipe import read_recipe  # each command imports its own layers: `finetune --help` loads no torch
 
     if args.command == "validate":
-        from finetune.plan.warn import fit_warning  # torch/transformers load only for the command that needs them
+        from finetune.balancing import default_coef  # torch/transformers load only for the command that needs them
+        from finetune.plan.warn import fit_warning  # (as above)
         from finetune.validate import check  # (as above)
 
         checked = check(read_recipe(args.recipe, args.overrides))
@@ -106,6 +107,11 @@ def dispatch(args) -> int:
             print(warning, file=sys.stderr)
         groups = ", ".join(f"{k} ({', '.join(g.targets)}; r={g.r})" for k, g in checked.targets.groups.items())
         print(f"{args.recipe}: OK ({checked.stage}; LoRA on {groups}; router {checked.targets.router_policy})")
+        if checked.balancing:  # what the router policy does with its parameters and buffers; aux loss or not
+            policy = checked.targets.router_policy
+            coef = checked.recipe.router.aux_loss_coef
+            coef = coef if coef is not None else default_coef(checked.balancing)
+            print(f"router: {policy}, {checked.balancing.policy_note(policy)}; {checked.balancing.summary(coef)}")
         if checked.trainable:
             per_group = ", ".join(f"{k} {v:,}" for k, v in checked.trainable.items())
             print(f"trainable parameters: {sum(checked.trainable.values()):,} ({per_group})")

@@ -19,7 +19,7 @@ from peft import PeftModel
 from safetensors import SafetensorError
 
 import finetune.lora  # noqa: F401  (installs the PEFT target fix before adapters load: lora/peft_compat.py)
-from finetune import modeling, runs
+from finetune import balancing, modeling, runs
 from finetune.errors import UserError
 from finetune.load import load_model
 from finetune.load.placement import choose_placement, config_dtype
@@ -71,6 +71,8 @@ def load_for_inference(name: str, dtype: str | None = None, device: str | None =
 
     Placed by finetune.load.placement.choose_placement: 16-bit on every GPU when there is one,
     float32 on the CPU otherwise; dtype/device override ("auto" or None keeps the default).
+    Router logits are switched off: a checkpoint saved with `output_router_logits: true` would
+    compute the aux loss in every generation step, and batched `generate` fails on it.
     """
     if runs.is_run(name):
         run = runs.read_run(name)
@@ -79,6 +81,7 @@ def load_for_inference(name: str, dtype: str | None = None, device: str | None =
         log.info("loading %s in %s on %s", name, where.dtype_name, where.device_map or "cpu")
         model = load_chain(run, dtype=where.dtype_name, device_map=where.device_map)
         model.config._name_or_path = str(run.path)  # reports name the run, not its base
+        balancing.router_logits_off(model)
         tokenizer = modeling.load_tokenizer(ModelSection(name_or_path=str(run.path)))
         return model, tokenizer
     section = ModelSection(name_or_path=name)
@@ -87,4 +90,5 @@ def load_for_inference(name: str, dtype: str | None = None, device: str | None =
     log.info("loading %s in %s on %s", name, where.dtype_name, where.device_map or "cpu")
     model = load_model(section, device_map=where.device_map)
     model.eval()
+    balancing.router_logits_off(model)
     return model, modeling.load_tokenizer(section)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from finetune import distributed, modeling, runs
+from finetune import balancing, distributed, modeling, runs
 from finetune.data.prep import build_datasets, wants_eval
 from finetune.guards import NonFiniteGuard
 from finetune.load import load_model
@@ -72,11 +72,12 @@ def build_trainer(recipe: Recipe, checked, aux_coef: float, parent: runs.Run | N
     tokenizer, train, eval_ds, report, args = inputs or prepare_inputs(recipe, aux_coef, parent)
     if model is None:
         model = load_start(parent, checked, recipe.model)
+    balancing.apply_aux_loss(model, aux_coef, checked.balancing)  # TRL's DPOTrainer leaves the config as loaded
     # a 4-bit SFT run's adapter becomes the frozen "ref" adapter; a 4-bit from_model is its own reference
     stacked_ref = recipe.model.quantized and parent is not None
     trainer_class = stacked.stacked_reference_trainer_class() if stacked_ref else DPOTrainer
     wrap.seed_everything(recipe.seed)
-    wrap.announce_router(checked.targets, aux_coef)
+    wrap.announce_router(checked.targets, aux_coef, checked.balancing)
     trainer = trainer_class(
         model=model,
         ref_model=None,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 
-from finetune import distributed, modeling
+from finetune import balancing, distributed, modeling
 from finetune.data.prep import build_datasets, wants_eval
 from finetune.guards import NonFiniteGuard
 from finetune.load import load_model
@@ -43,11 +43,12 @@ def run_sft(recipe: Recipe, overwrite: bool = False, callbacks=(), resume: bool 
 
     # under FSDP2 with cpu_ram_efficient_loading only rank 0 reads the weights (finetune/distributed.py)
     model = distributed.load_base(lambda: load_model(recipe.model), checked.config, recipe.model)
+    balancing.apply_aux_loss(model, aux_coef, checked.balancing)  # the same config fields as DPO sets
     with staging.claimed(rundir, recipe):
         # TRL wraps the model in LoRA inside the trainer's constructor, which also creates the
         # checkpoint folder: hence inside `claimed`, which removes the staging again on failure.
         wrap.seed_everything(recipe.seed)
-        wrap.announce_router(checked.targets, aux_coef)
+        wrap.announce_router(checked.targets, aux_coef, checked.balancing)
         trainer = SFTTrainer(
             model=model,
             args=args,

@@ -57,7 +57,8 @@ def print_summary(stage: str, out: Path, metrics: dict) -> None:
     losses = metrics.get("final", {})
     if losses:
         lines.append("  final: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in losses.items()))
-    lines.append(f"  router: {metrics['router_policy']}, aux_loss_coef {metrics['router_aux_loss_coef']}")
+    lines.append(f"  router: {metrics['router_policy']}, aux_loss_coef {metrics['router_aux_loss_coef']}"
+                 + (f"; {metrics['router_balancing']}" if metrics.get("router_balancing") else ""))
     stop = metrics.get("early_stopping")
     if stop:
         how = f"stopped early at step {stop['last_step']}" if stop["stopped_early"] else f"ran all {stop['last_step']} steps"
@@ -153,6 +154,8 @@ def _save_run(stage, trainer, tokenizer, rundir, recipe, checked, counts, report
         "dropped_rows": len(report.dropped),
         "router_policy": checked.targets.router_policy,
         "router_aux_loss_coef": recipe.router.aux_loss_coef,
+        # families without an aux loss (DeepSeek-V3's bias balancing, Llama-4, Gemma-4) say so (finetune/balancing.py)
+        "router_balancing": checked.balancing.summary(recipe.router.aux_loss_coef) if checked.balancing else None,
         "resumed_from": str(rundir.resume_from.name) if rundir.resume_from else None,
         **extra_metrics,
         "early_stopping": early_stopping_summary(trainer.state, recipe),

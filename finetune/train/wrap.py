@@ -1,7 +1,7 @@
 """After the trainer is built: the LoRA wrap checked, the fast expert path switched on, routing metrics attached.
 
     finetune sft RECIPE      # stages/sft.py and stages/dpo.py call these in order
-Layer: train; imports lora, routing (sibling), distributed, runs, recipe.
+Layer: train; imports lora, routing (sibling), balancing, distributed, runs, recipe.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import logging
 from transformers import set_seed
 
 from finetune import distributed
+from finetune.balancing import Balancing
 from finetune.lora.fast_experts import enable_fast_expert_lora
 from finetune.lora.targets import Targets, check_wrapped, trainable_by_group
 from finetune.recipe import Recipe
@@ -27,8 +28,12 @@ def seed_everything(seed: int) -> None:
     set_seed(seed)
 
 
-def announce_router(targets: Targets, aux_coef: float) -> None:
-    log.info("router aux loss coefficient %g (policy: %s)", aux_coef, targets.router_policy)
+def announce_router(targets: Targets, aux_coef: float, balance: Balancing | None = None) -> None:
+    if balance is None:
+        log.info("router aux loss coefficient %g (policy: %s)", aux_coef, targets.router_policy)
+    else:
+        log.info("router %s (%s); %s", targets.router_policy, balance.policy_note(targets.router_policy),
+                 balance.summary(aux_coef))
     if targets.router_policy == "freeze" and aux_coef > 0 and targets.router_modules:
         log.warning(
             "router frozen with router.aux_loss_coef=%g: the load-balancing loss still trains, but its gradient "

@@ -4,7 +4,8 @@ Structure (keys, types, choices) is checked in finetune/recipe/; here: the stage
 files that must exist, the parent run of a DPO recipe (or its from_model: a checkpoint, an
 export or a hub id; exactly one of the two), LoRA targets against the model's module
 tree built on the meta device (no weights: instant even for Mixtral-8x7B), router options on a
-dense model, the `sft:`/`dpo:` pass-through keys against trl.SFTConfig/DPOConfig (names, value
+dense model, `router.aux_loss_coef` on a family without an aux loss (finetune/balancing.py),
+the `sft:`/`dpo:` pass-through keys against trl.SFTConfig/DPOConfig (names, value
 types read from TRL's dataclass, ranges training would reject, then the config itself is
 built, which costs milliseconds), settings that cannot run here (fp16 without a GPU), eval
 settings without eval data, loggers that are not installed, samples and early stopping
@@ -24,7 +25,7 @@ import copy
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune import modeling, runs
+from finetune import balancing, modeling, runs
 from finetune.errors import Problem, UserError
 from finetune.lora.targets import Targets, expected_trainable, resolve_targets
 from finetune.moe import experts_modules
@@ -47,6 +48,8 @@ class Checked:
     moe: bool
     trainable: dict | None = None
     """LoRA (and router) parameters per group, computed from the meta model's shapes."""
+    balancing: balancing.Balancing | None = None
+    """How the family balances its experts (aux loss or not; router parameters and buffers); None: dense."""
 
 
 def stage_of(recipe: Recipe) -> str:
@@ -169,7 +172,7 @@ def check(recipe: Recipe, stage: str | None = None) -> Checked:
     key = "from_model" if stage == "dpo" and recipe.from_model and not recipe.from_run else ""
     if not any(p.where == "model.quantization" for p in recipe.problems):  # QLoRA's own rules (finetune/qlora/checks.py)
         problems.extend(recipe_problems(recipe, own_model if stage == "dpo" else None))
-    config, targets, moe, trainable = None, Targets(), False, None
+    config, targets, moe, trainable, balance = None, Targets(), False, None, None
     if recipe.model.name_or_path and model_ok:
         try:
             config = modeling.load_config(recipe.model)
@@ -190,6 +193,10 @@ def check(recipe: Recipe, stage: str | None = None) -> Checked:
             trainable = expected_trainable(model, targets)
             problems.extend(target_problems)
             problems.extend(parameter_target_problems(recipe, targets, model, moe))  # 4-bit DPO stacks adapters
+            if moe and targets.router_modules:  # a dense model's router options are reported by resolve_targets
+                balance = balancing.of_model(config, model)
+                problems.extend(balancing.coef_problems(recipe.router.aux_loss_coef, balance))
     if problems:
         raise UserError(problems, title=f"{recipe.source or 'recipe'}: {len(problems)} problem(s)")
-    return Checked(recipe=recipe, stage=stage, config=config, targets=targets, moe=moe, trainable=trainable)
+    return Checked(recipe=recipe, stage=stage, config=config, targets=targets, moe=moe, trainable=trainable,
+                   balancing=balance)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from finetune import modeling
+from finetune import balancing
 from finetune.recipe import DataSource, Recipe
 from finetune.validate import check
 
@@ -20,15 +20,16 @@ def resolved_recipe(recipe: Recipe, stage: str):
     --resume` compares a finished run's recipe.yaml with."""
     checked = check(recipe, stage)
     out = absolute(checked.recipe)
-    out.router.aux_loss_coef = resolve_aux_coef(out, checked.config)
+    out.router.aux_loss_coef = resolve_aux_coef(out, checked.balancing)
     return checked, out
 
 
-def resolve_aux_coef(recipe: Recipe, config) -> float:
-    """The router aux-loss coefficient: the recipe's, else the model config's, else 0 (dense)."""
+def resolve_aux_coef(recipe: Recipe, balance: balancing.Balancing | None) -> float:
+    """The router aux-loss coefficient: the recipe's, else the model config's where the family
+    computes an aux loss (Llama-4's config declares one its forward never uses), else 0."""
     if recipe.router.aux_loss_coef is not None:
         return float(recipe.router.aux_loss_coef)
-    return float(getattr(modeling.text_config(config), "router_aux_loss_coef", 0.0) or 0.0)
+    return balancing.default_coef(balance)
 
 
 def absolute(recipe: Recipe) -> Recipe:

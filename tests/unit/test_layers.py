@@ -23,7 +23,7 @@ LAYERS = [
     ["load"],
     ["qlora"],
     ["lora"],
-    ["modeling", "moe", "data", "hub", "runs", "distributed", "guards"],
+    ["modeling", "moe", "balancing", "data", "hub", "runs", "distributed", "guards"],
     ["recipe"],
     ["errors"],
 ]
