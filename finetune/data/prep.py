@@ -13,7 +13,6 @@ Python objects, so memory stays bounded by a batch per process:
     is an error, or every one is dropped and reported (data.bad_rows);
  4. eval_split (the same seeded permutation as before), save_to_disk; finetune/data/cache.py publishes.
 The datasets returned are memory-mapped from the cache entry, after a cold build as on a hit.
-
 """
 
 from __future__ import annotations
@@ -46,7 +45,7 @@ ROW, HARD, READ = 0, 1, 2
 an unreadable source or a line that is not JSON (always raised, before any row check)."""
 
 RAW = Features({"source": Value("int32"), "number": Value("int64"), "text": Value("string"), "error": Value("string")})
-_KEEP = {"source": Value("int32"), "number": Value("int64"), "error": Value("string"), "error_kind": Value("int8")}
+_KEEP = {"source": Value("int32"), "number": Value("int64"), "error": Value("string"), "error_kind": Value("int8"), "system": Value("string")}
 MESSAGES = List({"role": Value("string"), "content": Value("string")})
 PAIR = ("prompt", "chosen", "rejected")
 
@@ -77,7 +76,8 @@ def build_datasets(section: DataSection, tokenizer, kind: str, seed: int, num_pr
              extra=distributed.PER_RANK)  # every rank says whether it prepared or loaded
     train = load_from_disk(str(entry / "train"))
     eval_ds = load_from_disk(str(entry / "eval")) if (entry / "eval").is_dir() else None
-    report = Report(rows=manifest["report"]["rows"], dropped=[Problem(*p) for p in manifest["report"]["dropped"]])
+    report = Report(rows=manifest["report"]["rows"], dropped=[Problem(*p) for p in manifest["report"]["dropped"]],
+                    system=manifest["report"].get("system", {}))  # what data.system did to the rows' system turns
     if report.dropped:
         log.warning("dropped %d bad row(s) (data.bad_rows: drop); first: %s", len(report.dropped), report.dropped[0])
     return train, eval_ds, report
@@ -174,7 +174,7 @@ def prepare(key: str, parts: dict, section: DataSection, tokenizer, kind: str, s
         del train, eval_ds, parts_  # the memory maps of the work files, before removing them
         shutil.rmtree(work)
         dropped = [[p.where, p.what] for p in report.dropped]
-        entry = cache.publish(tmp, key, parts, {"rows": report.rows, "dropped": dropped})
+        entry = cache.publish(tmp, key, parts, {"rows": report.rows, "dropped": dropped, "system": report.system})
     return (entry, json.loads((entry / cache.MANIFEST).read_text())), converted
 
 
@@ -201,6 +201,7 @@ def _prepare_split(name: str, sources: list[str], work: Path, key: str, section:
         converted = converted.select(good, indices_cache_file_name=str(work / f"{name}-good.arrow"),
                                      new_fingerprint=f"{key}-{name}-good")
     report.rows += len(converted)
+    report.count_system(table.filter(ok)["system"].to_pylist())
     if kind == "preference":
         plain = pc.sum(pc.and_(ok, pc.is_valid(table["prompt_text"]))).as_py() or 0
         if 0 < plain < len(converted):
@@ -269,7 +270,7 @@ def _read(sources: list[str], path: Path, name: str) -> Dataset:
 def _convert_batch(batch: dict, convert, kind: str, columns: list[str], sources: list[str]) -> dict:
     """Step 2, on a batch of rows in a map worker: parse, check, tokenize; errors become columns."""
     n = len(batch["text"])
-    out = {"error": [None] * n, "error_kind": [None] * n}
+    out = {"error": [None] * n, "error_kind": [None] * n, "system": [None] * n}
     for c in columns:
         out[c] = [None] * n
     for j, (source, number, text, read_error) in enumerate(zip(batch["source"], batch["number"], batch["text"], batch["error"])):
@@ -289,6 +290,7 @@ def _convert_batch(batch: dict, convert, kind: str, columns: list[str], sources:
         except UserError as exc:
             out["error"][j], out["error_kind"][j] = _as_payload(exc), HARD
             continue
+        out["system"][j] = row.get("system")
         if kind == "sft":
             for c in columns:
                 out[c][j] = row[c]
