@@ -1,7 +1,8 @@
 """Data: from the files and hub data sets a recipe names to the rows each trainer takes.
 
     files.py    read a source's rows (local JSONL/JSON/Parquet, hub data sets), streamed; fingerprints
-    rows.py     check one row's messages or prompt/completion (RowError says why not)
+    rows.py     check one row's messages or prompt/completion (RowError says why not); data.system
+    templates.py  what the chat template does: assistant turns in the whole rendering, system turns
     masks.py    SFT tokenization: render with the chat template, assistant mask
     convert.py  per stage, a row's JSON object -> what its trainer takes
     prep.py     the whole data set through `datasets` (map, num_proc), once per job, cached

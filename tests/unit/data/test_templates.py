@@ -13,6 +13,7 @@ from conftest import REPO
 
 from finetune.data.masks import tokenize_sft
 from finetune.data.rows import RowError, apply_system
+from finetune.data import templates
 from finetune.data.templates import assistant_spans, render, system_choice
 
 HERE = REPO / "tests" / "unit" / "data" / "templates"
@@ -124,10 +125,14 @@ def test_harmony_channel_header_is_context_and_the_last_turn_ends_with_return():
 def test_a_template_that_trims_content_is_located_by_the_text_between_turns():
     """Gemma 4 and GLM trim assistant content: answers with surrounding spaces are found all the same,
     and what is trained is what the template rendered."""
-    tokenizer = family_tokenizer("gemma4")
-    chat = [dict(m) for m in CHAT]
-    chat[1]["content"] = "  pmal \n"
-    assert trained_runs(tokenizer, chat) == ["pmal<turn|>", "regit<turn|>", "PMAL REGIT<turn|>"]
+    for family, end in [("gemma4", "<turn|>"), ("glm4_moe", "<|user|>")]:
+        tokenizer = family_tokenizer(family)
+        chat = [dict(m) for m in CHAT]
+        chat[1]["content"] = "  pmal \n"
+        full, turns = render(tokenizer, chat), [1, 3, 5]
+        assert templates._wrapped(tokenizer, chat, turns, full) is None  # the markers would keep the spaces
+        assert [full[a:b] for a, b in templates._between(tokenizer, chat, turns, full)] == ANSWERS
+        assert trained_runs(tokenizer, chat)[:2] == ["pmal" + end, "regit" + end]
 
 
 def test_an_answer_equal_to_template_text_is_still_located_in_its_own_turn():
