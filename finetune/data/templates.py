@@ -109,9 +109,7 @@ def _between(tokenizer, messages, turns, full) -> list[tuple[int, int]] | None:
         end = next((e for e in ends if e >= pos and full[pos:e].strip() == want), None)
         if end is None:
             return None
-        rendered = full[pos:end]
-        start = pos + len(rendered) - len(rendered.lstrip())
-        spans.append((start, start + len(want)))
+        spans.append((pos, end))  # all the template rendered in the content's place, its kept whitespace too
         pos = end + len(after)
     return spans
 

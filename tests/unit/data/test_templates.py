@@ -135,6 +135,16 @@ def test_a_template_that_trims_content_is_located_by_the_text_between_turns():
         assert trained_runs(tokenizer, chat)[:2] == ["pmal" + end, "regit" + end]
 
 
+def test_whitespace_a_template_keeps_stays_with_the_answer_and_the_end_token_after_it_is_trained():
+    """Qwen3 strips only leading newlines of its last answer: the answer's own trailing spaces are
+    rendered, so they are trained with it, and <|im_end|> after them still is."""
+    tokenizer = family_tokenizer("qwen3_moe")
+    chat = [dict(m) for m in CHAT]
+    chat[-1]["content"] = "\n\nPMAL REGIT  "
+    full, spans = assistant_spans(tokenizer, chat)
+    assert [full[a:b] for a, b in spans][-1] == "PMAL REGIT  <|im_end|>"
+
+
 def test_an_answer_equal_to_template_text_is_still_located_in_its_own_turn():
     tokenizer = family_tokenizer("qwen2_moe")
     chat = [{"role": "user", "content": "say assistant"}, {"role": "assistant", "content": "assistant"},
