@@ -23,11 +23,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from transformers import AutoTokenizer  # noqa: E402
+from transformers import AutoTokenizer
 
-from finetune.data import templates  # noqa: E402
+from finetune.data import templates
 
-WORDS = "the of and to in is that for it as was with be by on not he this are or his from at which but have".split()
+WORDS = ["the", "of", "and", "to", "in", "is", "that", "for", "it", "as", "was", "with", "be", "by", "on", "not", "he", "this"]
 
 
 def old_module():
@@ -41,12 +41,12 @@ def old_module():
 
 def conversations(n: int, seed: int = 0) -> list[list[dict]]:
     rng = random.Random(seed)
-    text = lambda: " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 60)))  # noqa: E731
     out = []
     for _ in range(n):
         turns = []
         for _ in range(rng.randint(1, 3)):
-            turns += [{"role": "user", "content": text()}, {"role": "assistant", "content": text()}]
+            turns += [{"role": role, "content": " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 60)))}
+                      for role in ("user", "assistant")]
         out.append(turns)
     return out
 

@@ -11,7 +11,7 @@ import itertools
 import numpy as np
 
 from finetune.data.rows import RowError
-from finetune.data.templates import assistant_spans, render  # noqa: F401  (render: used by convert.py through here)
+from finetune.data.templates import assistant_spans, render
 
 
 def encode(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:

@@ -41,14 +41,14 @@ PROBE = "\ue002system probe\ue002"
 def render(tokenizer, messages, **kw) -> str:
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, **kw)
-    except Exception as exc:  # jinja raise_exception() and template errors
+    except Exception as exc:  # noqa: BLE001  # jinja raise_exception() and template errors
         raise RowError(f"the chat template rejects this conversation: {exc}") from None
 
 
 def _render_or_none(tokenizer, messages) -> str | None:
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False)
-    except Exception:  # a template that refuses the marked conversation: try the next way, or fail below
+    except Exception:  # noqa: BLE001  # a template refusing the marked conversation: the next way, or fail below
         return None
 
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 from conftest import REPO
 
+from finetune.data import templates
 from finetune.data.masks import tokenize_sft
 from finetune.data.rows import RowError, apply_system
-from finetune.data import templates
 from finetune.data.templates import assistant_spans, render, system_choice
 
 HERE = REPO / "tests" / "unit" / "data" / "templates"
