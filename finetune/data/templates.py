@@ -16,7 +16,7 @@ matched against the real rendering: what stands in a content's place must be tha
 surrounding whitespace. Neither working is a RowError naming the turn, never a guessed mask.
 
 What is trained in an assistant turn: its content as rendered, and the special token that follows it
-directly (the end of turn: <|im_end|>, </s>, <|eot|>, <|end|>/<|return|>, <|end_of_text|>, ...).
+directly or after spaces (the end of turn: <|im_end|>, </s>, <|eot|>, <|end|>/<|return|>, <|end_of_text|>, ...).
 Text the template writes into the turn around the content (the header, Qwen3's `<think>\n\n</think>\n\n`,
 harmony's `<|channel|>final<|message|>`) is context, like the header: at inference the template or the
 generation prompt writes it too. A turn that no special token follows (GLM's last turn) trains its content only.
@@ -142,8 +142,10 @@ def assistant_spans(tokenizer, messages: list[dict], from_turn: int = 0) -> tupl
     specials = special_tokens(tokenizer)
     out = []
     for start, end in spans:
-        token = next((t for t in specials if full.startswith(t, end)), "")
-        out.append((start, end + len(token)))
+        # spaces (not newlines) may stand before the end token: Llama-2's `content + ' ' + eos_token`
+        at = end + len(full[end:]) - len(full[end:].lstrip(" \t"))
+        token = next((t for t in specials if full.startswith(t, at)), None)
+        out.append((start, at + len(token) if token else end))
     return full, out
 
 

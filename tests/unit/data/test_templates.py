@@ -145,6 +145,18 @@ def test_whitespace_a_template_keeps_stays_with_the_answer_and_the_end_token_aft
     assert [full[a:b] for a, b in spans][-1] == "PMAL REGIT  <|im_end|>"
 
 
+def test_an_end_token_after_spaces_is_trained_with_them():
+    """Llama-2's format puts a space between the answer and </s>; a newline would end the search."""
+    tokenizer = family_tokenizer("mixtral")
+    tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+                               "{% else %}{{ ' ' + m['content'] + ' ' + eos_token }}{% endif %}{% endfor %}")
+    full, spans = assistant_spans(tokenizer, CHAT)
+    assert [full[a:b] for a, b in spans] == ["pmal </s>", "regit </s>", "PMAL REGIT </s>"]
+    tokenizer.chat_template = tokenizer.chat_template.replace("' ' + eos_token", "'\\n' + eos_token")
+    full, spans = assistant_spans(tokenizer, CHAT)
+    assert [full[a:b] for a, b in spans] == ANSWERS
+
+
 def test_an_answer_equal_to_template_text_is_still_located_in_its_own_turn():
     tokenizer = family_tokenizer("qwen2_moe")
     chat = [{"role": "user", "content": "say assistant"}, {"role": "assistant", "content": "assistant"},
