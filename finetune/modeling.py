@@ -144,6 +144,14 @@ def load_pretrained(section: ModelSection, device_map=None):
     """The base model with real weights in 16/32-bit, in the recipe's dtype and attention kernel.
     (finetune/load.load_model is the one place that chooses between this and the 4-bit loader.)"""
     hub.check_reachable(section.name_or_path, "model", "model.name_or_path")
+    extra = {}
+    quantized = getattr(load_config(section), "quantization_config", None)
+    if (quantized.get("quant_method") if isinstance(quantized, dict) else getattr(quantized, "quant_method", None)) == "mxfp4":
+        # gpt-oss ships its experts in MXFP4; where the GPU kernels are installed transformers keeps them
+        # so and refuses to train them: LoRA trains on the 16-bit weights, as OpenAI's own TRL example does
+        from transformers import Mxfp4Config  # only for MXFP4 checkpoints
+
+        extra["quantization_config"] = Mxfp4Config(dequantize=True)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             section.name_or_path,
@@ -151,6 +159,7 @@ def load_pretrained(section: ModelSection, device_map=None):
             attn_implementation=section.attn_implementation,
             trust_remote_code=section.trust_remote_code,
             device_map=device_map,
+            **extra,
         )
     except SafetensorError as exc:
         broken = broken_safetensors(section.name_or_path)

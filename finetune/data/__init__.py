@@ -4,7 +4,8 @@
     sources.py  a data.train/data.eval entry (string or mapping) -> its rows, format, fingerprint
     formats.py  ShareGPT, Alpaca, messages, prompt/completion, preference rows -> the converters' shape
     mixture.py  per-source weight / samples: which rows of each source, seeded
-    rows.py     check one row's messages or prompt/completion (RowError says why not)
+    rows.py     check one row's messages or prompt/completion (RowError says why not); data.system
+    templates.py  what the chat template does: assistant turns in the whole rendering, system turns
     masks.py    SFT tokenization: render with the chat template, assistant mask
     convert.py  per stage, a row's JSON object -> what its trainer takes
     prep.py     the whole data set through `datasets` (map, num_proc), once per job, cached

@@ -7,17 +7,24 @@ finetune/data/prep.py runs the converter for the stage on every row in parallel 
 from __future__ import annotations
 
 from finetune.data.masks import encode, render, tokenize_sft
-from finetune.data.rows import RowError, as_messages, check_messages, sft_messages
+from finetune.data.rows import RowError, apply_system, as_messages, check_messages, sft_messages
+from finetune.data.templates import system_choice
 from finetune.recipe import DataSection
 
 
 def sft_converter(tokenizer, section: DataSection):
-    """A row's JSON object -> {input_ids, assistant_masks (when assistant_only_loss)}; RowError when it does not fit."""
+    """A row's JSON object -> {input_ids, assistant_masks (when assistant_only_loss), system (what
+    data.system did)}; RowError when it does not fit."""
+    how = system_choice(tokenizer, section.system)
+
     def convert(value: dict) -> dict:
-        encoded = tokenize_sft(tokenizer, sft_messages(value), section.assistant_only_loss)
+        item, system = sft_messages(value), None
+        if isinstance(item, list):
+            item, system = apply_system(item, how)
+        encoded = tokenize_sft(tokenizer, item, section.assistant_only_loss)
         if len(encoded["input_ids"]) > section.max_length:
             raise RowError(f"{len(encoded['input_ids'])} tokens, longer than data.max_length={section.max_length}")
-        return encoded
+        return {**encoded, "system": system}
 
     return convert
 
@@ -41,20 +48,22 @@ def _split_implicit_prompt(value: dict) -> dict:
     return value if "prompt" in value else {**value, "prompt": prompt}
 
 
-def preference_row(value: dict, tokenizer, max_length: int) -> dict:
-    """prompt/chosen/rejected, conversational or plain text, checked; chosen == rejected is an error."""
+def preference_row(value: dict, tokenizer, max_length: int, system: str = "keep") -> dict:
+    """prompt/chosen/rejected, conversational or plain text, checked; chosen == rejected is an error.
+    system: data.system as applied to the prompt's system turn (system_choice)."""
     value = _split_implicit_prompt(value)
     missing = [k for k in ("prompt", "chosen", "rejected") if k not in value]
     if missing:
         raise RowError(f"missing {', '.join(missing)}; a preference row has prompt, chosen and rejected")
     prompt, chosen, rejected = value["prompt"], value["chosen"], value["rejected"]
+    action = None
     if all(isinstance(x, str) for x in (prompt, chosen, rejected)):
         if not all(x.strip() for x in (prompt, chosen, rejected)):
             raise RowError("prompt, chosen and rejected must be non-empty")
         texts = [prompt + chosen, prompt + rejected]
         out = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
     else:
-        prompt = check_messages(as_messages(prompt, "user", "prompt"), "prompt", last_role="user")
+        prompt, action = apply_system(check_messages(as_messages(prompt, "user", "prompt"), "prompt", last_role="user"), system)
         chosen = check_messages(prompt + as_messages(chosen, "assistant", "chosen"), "prompt+chosen")[len(prompt):]
         rejected = check_messages(prompt + as_messages(rejected, "assistant", "rejected"), "prompt+rejected")[len(prompt):]
         texts = [render(tokenizer, prompt + chosen), render(tokenizer, prompt + rejected)]
@@ -64,12 +73,13 @@ def preference_row(value: dict, tokenizer, max_length: int) -> dict:
     longest = max(len(encode(tokenizer, t)[0]) for t in texts)
     if longest > max_length:
         raise RowError(f"{longest} tokens, longer than data.max_length={max_length}")
-    return out
+    return {**out, "system": action}
 
 
 def preference_converter(tokenizer, section: DataSection):
     """A row's JSON object -> {prompt, chosen, rejected} (TRL's DPOTrainer tokenizes them); RowError when it does not fit."""
-    return lambda value: preference_row(value, tokenizer, section.max_length)
+    how = system_choice(tokenizer, section.system)
+    return lambda value: preference_row(value, tokenizer, section.max_length, how)
 
 
 # What each stage kind turns a row into. finetune/data/prep.py runs the converter on every row in

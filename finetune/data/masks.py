@@ -1,8 +1,7 @@
 """SFT tokenization: a conversation rendered with the chat template, and its assistant mask.
 
-TRL's own assistant-only loss needs `{% generation %}` markers that Mixtral's template (and most
-hub templates) lack, so the mask is computed here by rendering each conversation prefix and mapping
-character spans to tokens: it works with any prefix-preserving template.
+The character spans of the assistant turns come from finetune/data/templates.py (located in the
+rendering of the whole conversation, for any template); here they become a token mask.
 """
 
 from __future__ import annotations
@@ -12,39 +11,7 @@ import itertools
 import numpy as np
 
 from finetune.data.rows import RowError
-from finetune.errors import UserError
-
-
-def render(tokenizer, messages, **kw) -> str:
-    try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, **kw)
-    except Exception as exc:  # jinja raise_exception() and template errors
-        raise RowError(f"the chat template rejects this conversation: {exc}") from None
-
-
-def assistant_spans(tokenizer, messages: list[dict], from_turn: int = 0) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans of its assistant turns (with their end token).
-
-    from_turn skips the turns before it (a preference prompt's own assistant turns are context).
-    """
-    full = render(tokenizer, messages)
-    spans = []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant" or i < from_turn:
-            continue
-        before = render(tokenizer, messages[:i], add_generation_prompt=True)
-        if not full.startswith(before):
-            before = render(tokenizer, messages[:i])
-        # the whole conversation ends with its last turn: the same render as `full`, not done twice
-        through = full if i == len(messages) - 1 else render(tokenizer, messages[: i + 1])
-        if not (full.startswith(before) and full.startswith(through)):
-            raise UserError(
-                "the chat template is not prefix-preserving (rendering a conversation's first turns is not a prefix of "
-                "rendering all of it), so assistant-only loss cannot be located; set data.assistant_only_loss: false "
-                "or give model.chat_template a prefix-preserving template"
-            )
-        spans.append((len(before), len(through)))
-    return full, spans
+from finetune.data.templates import assistant_spans, render
 
 
 def encode(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
@@ -66,7 +33,7 @@ def tokenize_sft(tokenizer, item, assistant_only: bool, from_turn: int = 0) -> d
         spans = [(len(tokenizer.bos_token or "") + len(prompt), len(text))]
     elif assistant_only:
         text, spans = assistant_spans(tokenizer, item, from_turn)
-    else:  # no mask: the spans (two more renders per assistant turn) are not needed
+    else:  # no mask: the spans (one more render per conversation) are not needed
         text, spans = render(tokenizer, item), []
     ids, offsets = encode(tokenizer, text)
     out = {"input_ids": ids}

@@ -13,7 +13,6 @@ Python objects, so memory stays bounded by a batch per process:
     is an error, or every one is dropped and reported (data.bad_rows);
  4. eval_split (the same seeded permutation as before), save_to_disk; finetune/data/cache.py publishes.
 The datasets returned are memory-mapped from the cache entry, after a cold build as on a hit.
-
 """
 
 from __future__ import annotations
@@ -44,7 +43,7 @@ ROW, HARD, READ = 0, 1, 2
 an unreadable source or a line that is not JSON (always raised, before any row check)."""
 
 RAW = Features({"source": Value("int32"), "number": Value("int64"), "text": Value("string"), "error": Value("string")})
-_KEEP = {"source": Value("int32"), "number": Value("int64"), "error": Value("string"), "error_kind": Value("int8")}
+_KEEP = {"source": Value("int32"), "number": Value("int64"), "error": Value("string"), "error_kind": Value("int8"), "system": Value("string")}
 MESSAGES = List({"role": Value("string"), "content": Value("string")})
 PAIR = ("prompt", "chosen", "rejected")
 
@@ -76,7 +75,8 @@ def build_datasets(section: DataSection, tokenizer, kind: str, seed: int, num_pr
     train = load_from_disk(str(entry / "train"))
     eval_ds = load_from_disk(str(entry / "eval")) if (entry / "eval").is_dir() else None
     report = Report(rows=manifest["report"]["rows"], dropped=[Problem(*p) for p in manifest["report"]["dropped"]],
-                    sources=manifest["report"].get("sources", []))
+                    sources=manifest["report"].get("sources", []),
+                   system=manifest["report"].get("system", {}))  # what data.system did to the rows' system turns
     for s in report.sources:  # what each source gave (finetune/data/mixture.py), on a hit as after a build
         log.info("%s %s (%s): %d of %d usable rows used", s["where"], s["source"], s["format"], s["used"], s["usable"])
     if report.dropped:
@@ -182,7 +182,8 @@ def prepare(key: str, parts: dict, section: DataSection, tokenizer, kind: str, s
         del train, eval_ds, parts_  # the memory maps of the work files, before removing them
         shutil.rmtree(work)
         dropped = [[p.where, p.what] for p in report.dropped]
-        entry = cache.publish(tmp, key, parts, {"rows": report.rows, "dropped": dropped, "sources": report.sources})
+        entry = cache.publish(tmp, key, parts, {"rows": report.rows, "dropped": dropped, "sources": report.sources,
+                                                "system": report.system})
     return (entry, json.loads((entry / cache.MANIFEST).read_text())), converted
 
 
@@ -215,6 +216,7 @@ def _prepare_split(name: str, entries: list, work: Path, key: str, section: Data
         converted = converted.select(good, indices_cache_file_name=str(work / f"{name}-good.arrow"),
                                      new_fingerprint=f"{key}-{name}-good")
     report.rows += len(converted)
+    report.count_system(table.filter(ok)["system"].to_pylist())
     if kind == "preference":
         plain = pc.sum(pc.and_(ok, pc.is_valid(table["prompt_text"]))).as_py() or 0
         if 0 < plain < len(converted):
@@ -262,7 +264,7 @@ def _read(entries: list, path: Path, name: str) -> tuple[Dataset, dict[int, list
 def _convert_batch(batch: dict, convert, kind: str, columns: list[str], sources: list[str], shapes: list) -> dict:
     """Step 2, on a batch of rows in a map worker: parse, check, tokenize; errors become columns."""
     n = len(batch["text"])
-    out = {"error": [None] * n, "error_kind": [None] * n}
+    out = {"error": [None] * n, "error_kind": [None] * n, "system": [None] * n}
     for c in columns:
         out[c] = [None] * n
     for j, (source, number, text, read_error) in enumerate(zip(batch["source"], batch["number"], batch["text"], batch["error"])):
@@ -282,6 +284,7 @@ def _convert_batch(batch: dict, convert, kind: str, columns: list[str], sources:
         except UserError as exc:
             out["error"][j], out["error_kind"][j] = _as_payload(exc), HARD
             continue
+        out["system"][j] = row.get("system")
         if kind == "sft":
             for c in columns:
                 out[c][j] = row[c]

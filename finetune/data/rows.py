@@ -24,6 +24,12 @@ class Report:
     dropped: list[Problem] = field(default_factory=list)
     sources: list[dict] = field(default_factory=list)
     """Per source: where, format, usable rows, rows used (finetune/data/prep.py; <run>/data_report.json `sources`)."""
+    system: dict[str, int] = field(default_factory=dict)
+    """Rows whose system turn was kept, folded or dropped (data.system), by that word."""
+
+    def count_system(self, actions: list[str | None]) -> None:
+        for action in filter(None, actions):
+            self.system[action] = self.system.get(action, 0) + 1
 
 
 def message_text(content, what: str) -> str:
@@ -67,6 +73,20 @@ def check_messages(messages, what: str = "messages", last_role: str | None = "as
     if last_role and turns and turns[-1]["role"] != last_role:
         raise RowError(f"`{what}` must end with a {last_role} message")
     return out
+
+
+def apply_system(messages: list[dict], how: str) -> tuple[list[dict], str | None]:
+    """data.system on checked messages: keep the system turn, fold it into the first user turn (as
+    Mistral's own templates do, after a blank line) or drop it; -> (messages, "kept"/"folded"/"dropped",
+    or None when there is no system turn)."""
+    if not messages or messages[0]["role"] != "system":
+        return messages, None
+    if how == "keep":
+        return messages, "kept"
+    if how == "drop":
+        return messages[1:], "dropped"
+    system, first, *rest = messages  # check_messages: a user turn follows the system turn
+    return [{"role": "user", "content": system["content"] + "\n\n" + first["content"]}, *rest], "folded"
 
 
 def as_messages(value, role: str, what: str) -> list:

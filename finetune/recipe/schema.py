@@ -83,6 +83,8 @@ class DataSection:
     """error: stop at the first bad row, naming file and row; drop: skip bad rows and report the count."""
     assistant_only_loss: bool = True
     """SFT: loss on assistant tokens only (the usual choice); false trains on the whole conversation."""
+    system: str = "auto"
+    """A row's system turn: keep, fold (into the first user turn), drop; auto: keep when the chat template renders system turns, else fold."""
 
 
 @dataclass

@@ -22,8 +22,9 @@ import torch
 from transformers import TrainerCallback
 
 from finetune.data.files import read_rows
-from finetune.data.rows import RowError, as_messages, check_messages
+from finetune.data.rows import RowError, apply_system, as_messages, check_messages
 from finetune.data.sources import read_shaped
+from finetune.data.templates import system_choice
 from finetune.errors import UserError
 
 log = logging.getLogger("finetune")
@@ -130,10 +131,11 @@ class SamplesCallback(TrainerCallback):
                 cb._ml_flow.set_tag(f"samples/step_{step:07d}", text[:8000])
 
 
-def install(trainer, section, eval_sources: list[str], tokenizer, staging: Path) -> SamplesCallback | None:
+def install(trainer, section, eval_sources: list[str], tokenizer, staging: Path, system: str = "auto") -> SamplesCallback | None:
     if not section:
         return None
-    prompts = read_prompts(section.prompts, eval_sources)
+    how = system_choice(tokenizer, system)  # data.system, as the training rows had it: a refused system turn is folded
+    prompts = [apply_system(p, how)[0] for p in read_prompts(section.prompts, eval_sources)]
     callback = SamplesCallback(prompts, tokenizer, section.every, section.max_new_tokens, staging, trainer.callback_handler)
     trainer.add_callback(callback)
     log.info("sample answers to %d prompt(s) every %d steps -> %s", len(prompts), section.every, FILE)

@@ -67,6 +67,8 @@ def print_summary(stage: str, out: Path, metrics: dict) -> None:
         lines.append(f"  early stopping: {how}; {best}")
     if metrics.get("dropped_rows"):
         lines.append(f"  dropped rows: {metrics['dropped_rows']}")
+    if metrics.get("system_turns"):  # data.system: what happened to the rows' system turns
+        lines.append("  system turns: " + ", ".join(f"{what} {n}" for what, n in sorted(metrics["system_turns"].items())))
     lines.append(f"  outputs: {out}")
     print("\n".join(lines), flush=True)
 
@@ -152,6 +154,7 @@ def _save_run(stage, trainer, tokenizer, rundir, recipe, checked, counts, report
         **fed.summary(),  # this session's forwards (a resumed run: since the resume)
         "rows": report.rows,
         "dropped_rows": len(report.dropped),
+        "system_turns": report.system,  # rows whose system turn was kept/folded/dropped (data.system)
         "router_policy": checked.targets.router_policy,
         "router_aux_loss_coef": recipe.router.aux_loss_coef,
         # families without an aux loss (DeepSeek-V3's bias balancing, Llama-4, Gemma-4) say so (finetune/balancing.py)

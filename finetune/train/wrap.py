@@ -73,7 +73,7 @@ def attach_watchers(trainer, recipe: Recipe, rundir: rundirs.RunDir, tokenizer) 
 
     console.install(trainer)
     loggers.configure(trainer, rundir.staging, rundir.resume_from)
-    samples.install(trainer, recipe.samples, recipe.data.eval, tokenizer, rundir.staging)
+    samples.install(trainer, recipe.samples, recipe.data.eval, tokenizer, rundir.staging, recipe.data.system)
     if recipe.early_stopping:
         stop = recipe.early_stopping
         trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=stop.patience,

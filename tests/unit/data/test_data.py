@@ -52,7 +52,31 @@ def test_template_error_is_a_row_error(tmp_path, tokenizer):
     row = {"messages": [{"role": "system", "content": "be brief"}, *GOOD["messages"]]}  # Mixtral's template has no system role
     path = write_jsonl(tmp_path / "sft.jsonl", [row])
     with pytest.raises(UserError, match=r"sft.jsonl:1: the chat template rejects this conversation"):
-        build_datasets(section(path), tokenizer, "sft", 0)
+        build_datasets(section(path, system="keep"), tokenizer, "sft", 0)
+
+
+@pytest.mark.parametrize("kind", ["sft", "preference"])
+def test_system_turns_a_template_refuses_are_folded_and_counted(tmp_path, tokenizer, kind):
+    """data.system: auto with Mixtral's template (it raises on system turns): folded, not lost; the
+    count per choice comes back in the report, from a cold build and from the cache alike."""
+    system = {"role": "system", "content": "be brief"}
+    if kind == "sft":
+        rows = [{"messages": [system, *GOOD["messages"]]}, GOOD, {"messages": [system, *GOOD["messages"]]}]
+    else:
+        pair = {"prompt": [system, GOOD["messages"][0]], "chosen": [GOOD["messages"][1]], "rejected": [{"role": "assistant", "content": "x"}]}
+        rows = [pair, {**pair, "prompt": [GOOD["messages"][0]]}, pair]
+    path = write_jsonl(tmp_path / f"{kind}.jsonl", rows)
+    for _ in range(2):  # cold build, then cache hit
+        train, _, report = build_datasets(section(path), tokenizer, kind, 0)
+        assert report.system == {"folded": 2} and len(train) == 3 and not report.dropped
+    if kind == "sft":
+        text = tokenizer.decode(train[0]["input_ids"])  # this tokenizer has no newline: <unk> stands for it
+        assert text.startswith("<s>[INST] be brief") and text.endswith("reverse lamp [/INST] pmal</s>")
+        assert "system" not in train.column_names
+    else:
+        assert train[0]["prompt"] == [{"role": "user", "content": "be brief\n\nreverse lamp"}]
+    _, _, dropped = build_datasets(section(path, system="drop"), tokenizer, kind, 0)
+    assert dropped.system == {"dropped": 2}
 
 
 def test_assistant_mask_covers_answers_and_end_of_turn_only(tokenizer):

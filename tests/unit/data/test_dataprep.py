@@ -82,7 +82,7 @@ def old_build(section: DataSection, tokenizer, kind: str, seed: int):
         out = []
         for row in [r for s in sources for r in read_rows(s)]:
             try:
-                out.append(convert_row(convert, row.value))
+                out.append({k: v for k, v in convert_row(convert, row.value).items() if k != "system"})  # counted, not a column
             except RowError as exc:
                 problem = Problem(f"{row.source}:{row.number}", str(exc))
                 if section.bad_rows == "error":
