@@ -9,6 +9,7 @@
     masks.py    SFT tokenization: render with the chat template, assistant mask
     convert.py  per stage, a row's JSON object -> what its trainer takes
     prep.py     the whole data set through `datasets` (map, num_proc), once per job, cached
+    key.py      the cache key: everything that changes the prepared rows (the template's rendering today too)
     cache.py    the on-disk cache of prepared data sets (key, lock, publish, damage checks)
 
 Nothing is imported here, so `finetune validate` can read a few rows without loading `datasets`.

@@ -17,21 +17,18 @@ The datasets returned are memory-mapped from the cache entry, after a cold build
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import logging
 import shutil
-from importlib import metadata
 from pathlib import Path
 
 import pyarrow.compute as pc
 from datasets import Dataset, Features, List, Value, load_from_disk
 
-import finetune
 from finetune import distributed
 from finetune.data import cache, files, formats, mixture, sources
 from finetune.data.convert import CONVERTERS, convert_row
+from finetune.data.key import key_parts
 from finetune.data.rows import Report, RowError
 from finetune.errors import Problem, UserError
 from finetune.recipe import DataSection
@@ -94,59 +91,6 @@ def launch_state():
     from accelerate import PartialState  # with torch.distributed above: only under a launcher
 
     return PartialState()
-
-
-# ---------------------------------------------------------------- the cache key
-
-
-def key_parts(section: DataSection, tokenizer, kind: str, seed: int) -> dict:
-    """Everything that changes the prepared rows. Every data.* setting is in (new ones too, e.g.
-    formats and mappings); the seed only when it draws the eval split; not num_proc (same result)."""
-    settings = {k: v for k, v in dataclasses.asdict(section).items() if k not in ("train", "eval")}
-    return {
-        "kind": kind,
-        "data": settings,
-        # with each source's format, mapping, mixture; local files' hashes remembered under their stat
-        "train": [sources.fingerprint(s, memo=cache.root() / cache.HASHES) for s in section.train],
-        "eval": [sources.fingerprint(s, memo=cache.root() / cache.HASHES) for s in section.eval],
-        "seed": seed if (not section.eval and section.eval_split > 0) or _mixed(section) else None,
-        "tokenizer": tokenizer_fingerprint(tokenizer),
-        "code": code_hash(),
-        "versions": {p: metadata.version(p) for p in ("datasets", "pyarrow", "tokenizers", "transformers", "jinja2")}
-        | {"finetune": finetune.__version__},
-    }
-
-
-CODE = Path(__file__).parent
-"""The data package: a change to any of its modules (reading, row checks, masks, converters,
-this preparation) may change the prepared rows, so all of them are in the key."""
-
-
-def _mixed(section: DataSection) -> bool:
-    """A mixture draws rows with the seed."""
-    return mixture.mixed([sources.spec(s) for s in [*section.train, *section.eval]])
-
-
-def code_hash() -> str:
-    return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(CODE.glob("*.py")))).hexdigest()
-
-
-def tokenizer_fingerprint(tokenizer) -> dict:
-    """The tokenizer as it tokenizes: its serialized model (vocabulary, merges, normalizer,
-    pre-tokenizer, added tokens) without the per-call truncation/padding state, its special tokens
-    and the chat template in use (a recipe's model.chat_template included)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        state = json.loads(backend.to_str())
-        state.pop("truncation", None)
-        state.pop("padding", None)
-        model = hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
-    else:  # a slow (Python) tokenizer: datasets' own hash of the object
-        from datasets.fingerprint import Hasher  # a slow tokenizer only (rare)
-
-        model = Hasher.hash(tokenizer)
-    return {"class": type(tokenizer).__name__, "model": model, "special": [tokenizer.bos_token, tokenizer.eos_token,
-            *tokenizer.all_special_tokens], "chat_template": tokenizer.chat_template}
 
 
 # ---------------------------------------------------------------- preparation

@@ -4,6 +4,7 @@ in-memory path it replaced; a key that moves with every input; hits byte-equal; 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import errno
 import json
 import logging
@@ -18,15 +19,17 @@ from pathlib import Path
 import pytest
 from conftest import TINY_MOE, TINY_TASKS, make_pairs, make_rows, write_jsonl
 from datasets import Dataset
+from transformers.utils import chat_template_utils
 
 import finetune
 from finetune.data import cache as datacache
 from finetune.data import files
-from finetune.data import prep as dataprep
+from finetune.data import key as datakey
 from finetune.data.convert import CONVERTERS, convert_row
 from finetune.data.files import read_rows
+from finetune.data.key import key_parts
 from finetune.data.masks import render
-from finetune.data.prep import build_datasets, key_parts
+from finetune.data.prep import build_datasets
 from finetune.data.rows import Report, RowError, sft_messages
 from finetune.errors import Problem, UserError
 from finetune.modeling import load_tokenizer
@@ -310,15 +313,27 @@ def test_every_input_changes_the_key(tmp_path, tokenizer, monkeypatch):
     monkeypatch.setattr(finetune, "__version__", "0.0.0-test")
     keys["package version"] = key()
     monkeypatch.undo()
-    real = dataprep.metadata.version
-    monkeypatch.setattr(dataprep.metadata, "version", lambda p: "0.0.0" if p == "datasets" else real(p))
+    real = datakey.metadata.version
+    monkeypatch.setattr(datakey.metadata, "version", lambda p: "0.0.0" if p == "datasets" else real(p))
     keys["datasets version"] = key()
     monkeypatch.undo()
-    shutil.copytree(dataprep.CODE, tmp_path / "code")
+    shutil.copytree(datakey.CODE, tmp_path / "code")
     with open(tmp_path / "code" / "masks.py", "a") as f:
         f.write("\n# changed\n")
-    monkeypatch.setattr(dataprep, "CODE", tmp_path / "code")
+    monkeypatch.setattr(datakey, "CODE", tmp_path / "code")
     keys["code"] = key()
+    monkeypatch.undo()
+    dated = build_tokenizer()  # a template that writes today's date (gpt-oss's does)
+    dated.chat_template = "{{ strftime_now('%Y-%m-%d') }}" + dated.chat_template
+    keys["template dated today"] = key(tok=dated)
+
+    class Tomorrow(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime.datetime.now(tz) + datetime.timedelta(days=1)
+
+    monkeypatch.setattr(chat_template_utils, "datetime", Tomorrow)
+    keys["template dated tomorrow"] = key(tok=dated)
     monkeypatch.undo()
     assert key() == keys["base"]
     assert len(set(keys.values())) == len(keys), {k: v for k, v in keys.items() if list(keys.values()).count(v) > 1}

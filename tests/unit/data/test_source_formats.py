@@ -14,7 +14,8 @@ from conftest import TINY_MOE, TINY_TASKS, write_jsonl
 
 from finetune import hub
 from finetune.data import formats
-from finetune.data.prep import build_datasets, key_parts
+from finetune.data.key import key_parts
+from finetune.data.prep import build_datasets
 from finetune.data.rows import RowError
 from finetune.errors import UserError
 from finetune.modeling import load_tokenizer
