@@ -1,6 +1,9 @@
 """Data: from the files and hub data sets a recipe names to the rows each trainer takes.
 
-    files.py    read a source's rows (local JSONL/JSON/Parquet, hub data sets), streamed; fingerprints
+    files.py    read a source's rows (local JSONL/JSON/Parquet/CSV, folders, hub data sets), streamed; fingerprints
+    sources.py  a data.train/data.eval entry (string or mapping) -> its rows, format, fingerprint
+    formats.py  ShareGPT, Alpaca, messages, prompt/completion, preference rows -> the converters' shape
+    mixture.py  per-source weight / samples: which rows of each source, seeded
     rows.py     check one row's messages or prompt/completion (RowError says why not)
     masks.py    SFT tokenization: render with the chat template, assistant mask
     convert.py  per stage, a row's JSON object -> what its trainer takes

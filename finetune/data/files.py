@@ -1,10 +1,12 @@
-"""Data files: read the rows of a local .jsonl/.json/.parquet file or a hub data set, numbered.
+"""Data files: read the rows of a local .jsonl/.json/.parquet/.csv file, a local folder
+(datasets.save_to_disk, or data files datasets can load) or a hub data set, numbered.
 
 Unreadable files are user errors naming the file (and the line and byte offset of a bad UTF-8
 byte); finetune/data/rows.py checks and shapes the rows. `iter_source` streams a source's rows as
 JSON text for the datasets-based preparation (finetune/data/prep.py), `fingerprint` identifies
 its content for the data cache, `read_rows` reads a small file whole (evaluation, routing), and
-`count_rows` counts a local file's rows cheaply for `finetune validate`.
+`count_rows` counts a local file's rows cheaply for `finetune validate`. finetune/data/sources.py
+reads a recipe's source entries (mappings with config, split, data_files) through these functions.
 
     finetune validate recipes/tiny-moe/sft.yaml     # counts rows when data.eval_split is set
     finetune sft recipes/tiny-moe/sft.yaml          # reads every row
@@ -12,7 +14,9 @@ its content for the data cache, `read_rows` reads a small file whole (evaluation
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import os
 import time
@@ -23,7 +27,9 @@ from pathlib import Path
 from finetune import hub
 from finetune.errors import UserError
 
-LOCAL_SUFFIXES = {".jsonl", ".json", ".parquet"}
+LOCAL_SUFFIXES = {".jsonl", ".json", ".parquet", ".csv"}
+DISK_MARKERS = ("dataset_dict.json", "state.json")
+"""What datasets.save_to_disk writes at a folder's top (a DatasetDict, or one Dataset)."""
 
 
 @dataclass
@@ -62,13 +68,20 @@ def _open_parquet(path: Path, source: str):
         raise UserError(f"{source}: not a readable Parquet file ({exc}); check the file, or give .jsonl/.json") from None
 
 
-def count_rows(source: str) -> int | None:
+def count_rows(source: str, split: str | None = None) -> int | None:
     """Rows in a local data file, counted cheaply (Parquet: from its footer); None when unknown
     (a hub data set, or a file that cannot be read: reading it for training reports why)."""
     path = Path(source)
+    if path.is_dir() and any((path / m).is_file() for m in DISK_MARKERS):
+        try:  # memory-mapped: the row count is in the Arrow files' metadata
+            return len(load_folder(source, split=split))
+        except UserError:
+            return None
     if path.suffix not in LOCAL_SUFFIXES or not path.is_file():
         return None
     try:
+        if path.suffix == ".csv":
+            return sum(1 for _ in _iter_csv(path, source, None))
         if path.suffix == ".jsonl":
             with path.open("rb") as f:
                 return sum(1 for line in f if line.strip())
@@ -97,7 +110,8 @@ def json_error(source: str, number: int, exc: json.JSONDecodeError) -> str:
     return f"{source}:{number}: not valid JSON ({exc.msg}, column {exc.colno})"
 
 
-def iter_source(source: str, progress=None) -> Iterator[tuple[int, str]]:
+def iter_source(source: str, progress=None, config: str | None = None, data_files=None,
+                split: str | None = None) -> Iterator[tuple[int, str]]:
     """(row number, the row as JSON text) for every row of a source, streamed: JSONL line by line
     (not parsed here: the parallel conversion parses it), Parquet by record batch, a hub data set
     from datasets' own Arrow cache; rows that are not JSON lines are written as JSON (ASCII, so a
@@ -105,15 +119,22 @@ def iter_source(source: str, progress=None) -> Iterator[tuple[int, str]]:
     only parse whole. `progress(n)` is called with bytes (local files) or rows (hub) done.
 
     JSONL lines are split at `\\n` only (str.splitlines also splits inside a string at U+2028 and
-    other separators that JSON allows raw). UTF-8 errors raise with line and byte offset."""
+    other separators that JSON allows raw). UTF-8 errors raise with line and byte offset.
+    config, data_files and split go to datasets for a folder or a hub data set (split also picks
+    one of a save_to_disk DatasetDict's splits)."""
     path = Path(source)
+    if path.is_dir():
+        yield from iter_table(load_folder(source, config, data_files, split), progress)
+        return
     if path.suffix not in LOCAL_SUFFIXES:
-        yield from _iter_hub(source, progress)
+        yield from iter_table(load_hub(source, config, data_files, split), progress)
         return
     if not path.is_file():
         raise UserError(f"data file not found: {source} (relative paths are read from {Path.cwd()})")
     if path.suffix == ".jsonl":
         yield from _iter_jsonl(path, source, progress)
+    elif path.suffix == ".csv":
+        yield from _iter_csv(path, source, progress)
     elif path.suffix == ".json":
         try:
             data = json.loads(_read_text(path, source))
@@ -165,23 +186,69 @@ def _iter_parquet(path: Path, source: str, progress) -> Iterator[tuple[int, str]
         raise UserError(f"{source}: the Parquet file is damaged ({exc}); re-write it") from None
 
 
-def load_hub(source: str):
-    """The hub data set `name[:split]` (datasets keeps it in its own Arrow cache)."""
-    from datasets import load_dataset  # datasets costs ~1 s to import: only for hub sources
+def load_hub(source: str, config: str | None = None, data_files=None, split: str | None = None):
+    """The hub data set `name[:split]` (datasets keeps it in its own Arrow cache); `split` given
+    here wins over the one in the name."""
+    import datasets  # datasets costs ~1 s to import: only for hub sources
 
-    name, _, split = source.partition(":")
+    name, _, named_split = source.partition(":")
     hub.check_reachable(name, "dataset", f"data: {source}")  # seconds, not ~30 s of retries
     try:
-        return load_dataset(name, split=split or "train")
-    except Exception as exc:  # datasets raises many types for "not found / offline"
+        return datasets.load_dataset(name, config, data_files=data_files or None, split=split or named_split or "train")
+    except Exception as exc:  # noqa: BLE001 - datasets raises many types for "not found / offline"
         raise UserError(
-            f"cannot load `{source}`: it is not a local .jsonl/.json/.parquet file, and the hub data set could not be "
+            f"cannot load `{source}`: it is not a local .jsonl/.json/.parquet/.csv file or folder, and the hub data set could not be "
             f"loaded ({exc.__class__.__name__}: {exc}). Check the path, or download the data set and name the file."
         ) from None
 
 
-def _iter_hub(source: str, progress) -> Iterator[tuple[int, str]]:
-    table = load_hub(source)
+def load_folder(source: str, config: str | None = None, data_files=None, split: str | None = None):
+    """A local folder: what datasets.save_to_disk wrote (load_from_disk; a DatasetDict's `split`),
+    or data files datasets can load (load_dataset on the folder: a downloaded hub data set)."""
+    import datasets  # datasets costs ~1 s to import: only for folder sources
+
+    path = Path(source)
+    if not any((path / m).is_file() for m in DISK_MARKERS):
+        try:
+            return datasets.load_dataset(str(path), config, data_files=data_files or None, split=split or "train")
+        except Exception as exc:  # noqa: BLE001 - datasets raises many types for "no data files / no such split"
+            raise UserError(f"{source}: a folder that is neither a datasets.save_to_disk folder nor data files "
+                            f"datasets can load ({exc.__class__.__name__}: {exc})") from None
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as exc:  # noqa: BLE001 - a damaged or partial save_to_disk folder, whatever datasets raises
+        raise UserError(f"{source}: cannot read the datasets.save_to_disk folder ({exc}); save it again") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        name = split or "train"
+        if name not in loaded:
+            raise UserError(f"{source}: no split `{name}` in the saved data set (splits: {', '.join(loaded)}); "
+                            "set `split` on the source")
+        return loaded[name]
+    return loaded
+
+
+def _iter_csv(path: Path, source: str, progress) -> Iterator[tuple[int, str]]:
+    """CSV with a header row, every value a string (the csv module: quoted fields may hold newlines;
+    pyarrow's reader would guess types, and turn an answer `42` into a number)."""
+    try:
+        with path.open("rb") as raw, io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as f:
+            for number, record in enumerate(csv.DictReader(f), start=1):
+                if None in record:  # more fields than the header names
+                    raise UserError(f"{source}:{number}: {len(record) - 1 + len(record[None])} fields, "
+                                    f"the header names {len(record) - 1}; quote fields that hold commas")
+                yield number, json.dumps(record)
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{source}: not valid UTF-8 ({exc.reason}); re-encode the file as UTF-8") from None
+    except csv.Error as exc:
+        raise UserError(f"{source}: not a readable CSV file ({exc})") from None
+    except OSError as exc:
+        raise UserError(f"{source}: cannot read the data file ({exc.strerror or exc})") from None
+    if progress is not None:
+        progress(path.stat().st_size)
+
+
+def iter_table(table, progress) -> Iterator[tuple[int, str]]:
+    """The rows of a datasets.Dataset (a hub data set, a folder) as JSON text, numbered from 1."""
     number = 0
     for batch in table.iter(batch_size=1000):
         columns = list(batch)
@@ -192,19 +259,23 @@ def _iter_hub(source: str, progress) -> Iterator[tuple[int, str]]:
             progress(len(batch[columns[0]]) if columns else 0)
 
 
-def fingerprint(source: str, memo: Path | None = None) -> dict:
+def fingerprint(source: str, config: str | None = None, data_files=None, split: str | None = None,
+                memo: Path | None = None) -> dict:
     """What identifies a source's content for the data cache (finetune/data/cache.py): a local
     file's xxh3-128 (about 9 GB/s here, so a cache hit stays fast; the cache key is no security
     boundary), or a hub data set's datasets fingerprint. A source that cannot be read gets a key
     too: preparing it then raises the error that names it. `memo`: a folder remembering each
     file's hash under its stat (hash_file_memo)."""
     path = Path(source)
+    if path.is_dir():  # every file of the folder, by relative path
+        return {"source": source, "files": {str(p.relative_to(path)): hash_file_memo(p, memo) if memo else hash_file(p)
+                                            for p in sorted(path.rglob("*")) if p.is_file()}}
     if path.suffix in LOCAL_SUFFIXES:
         if not path.is_file():
             return {"source": source, "missing": True}
         return {"source": source, "xxh3_128": hash_file_memo(path, memo) if memo else hash_file(path)}
     try:
-        return {"source": source, "datasets_fingerprint": load_hub(source)._fingerprint}
+        return {"source": source, "datasets_fingerprint": load_hub(source, config, data_files, split)._fingerprint}
     except UserError as exc:
         return {"source": source, "unavailable": str(exc)}
 

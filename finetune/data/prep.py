@@ -28,12 +28,10 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 from datasets import Dataset, Features, List, Value, load_from_disk
-from datasets.arrow_writer import ArrowWriter
-from datasets.utils.tqdm import tqdm
 
 import finetune
 from finetune import distributed
-from finetune.data import cache, files
+from finetune.data import cache, files, formats, mixture, sources
 from finetune.data.convert import CONVERTERS, convert_row
 from finetune.data.rows import Report, RowError
 from finetune.errors import Problem, UserError
@@ -77,7 +75,10 @@ def build_datasets(section: DataSection, tokenizer, kind: str, seed: int, num_pr
              extra=distributed.PER_RANK)  # every rank says whether it prepared or loaded
     train = load_from_disk(str(entry / "train"))
     eval_ds = load_from_disk(str(entry / "eval")) if (entry / "eval").is_dir() else None
-    report = Report(rows=manifest["report"]["rows"], dropped=[Problem(*p) for p in manifest["report"]["dropped"]])
+    report = Report(rows=manifest["report"]["rows"], dropped=[Problem(*p) for p in manifest["report"]["dropped"]],
+                    sources=manifest["report"].get("sources", []))
+    for s in report.sources:  # what each source gave (finetune/data/mixture.py), on a hit as after a build
+        log.info("%s %s (%s): %d of %d usable rows used", s["where"], s["source"], s["format"], s["used"], s["usable"])
     if report.dropped:
         log.warning("dropped %d bad row(s) (data.bad_rows: drop); first: %s", len(report.dropped), report.dropped[0])
     return train, eval_ds, report
@@ -105,9 +106,10 @@ def key_parts(section: DataSection, tokenizer, kind: str, seed: int) -> dict:
     return {
         "kind": kind,
         "data": settings,
-        "train": [files.fingerprint(s, memo=cache.root() / cache.HASHES) for s in section.train],
-        "eval": [files.fingerprint(s, memo=cache.root() / cache.HASHES) for s in section.eval],
-        "seed": seed if not section.eval and section.eval_split > 0 else None,
+        # with each source's format, mapping, mixture; local files' hashes remembered under their stat
+        "train": [sources.fingerprint(s, memo=cache.root() / cache.HASHES) for s in section.train],
+        "eval": [sources.fingerprint(s, memo=cache.root() / cache.HASHES) for s in section.eval],
+        "seed": seed if (not section.eval and section.eval_split > 0) or _mixed(section) else None,
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "code": code_hash(),
         "versions": {p: metadata.version(p) for p in ("datasets", "pyarrow", "tokenizers", "transformers", "jinja2")}
@@ -118,6 +120,11 @@ def key_parts(section: DataSection, tokenizer, kind: str, seed: int) -> dict:
 CODE = Path(__file__).parent
 """The data package: a change to any of its modules (reading, row checks, masks, converters,
 this preparation) may change the prepared rows, so all of them are in the key."""
+
+
+def _mixed(section: DataSection) -> bool:
+    """A mixture draws rows with the seed."""
+    return mixture.mixed([sources.spec(s) for s in [*section.train, *section.eval]])
 
 
 def code_hash() -> str:
@@ -151,14 +158,15 @@ def prepare(key: str, parts: dict, section: DataSection, tokenizer, kind: str, s
     with cache.building(key) as tmp:
         work = tmp / "work"
         work.mkdir()
-        job = dict(work=work, key=key, section=section, tokenizer=tokenizer, kind=kind, num_proc=num_proc, report=report)
+        job = dict(work=work, key=key, section=section, tokenizer=tokenizer, kind=kind, num_proc=num_proc, report=report,
+                   seed=seed)
         train, converted = _prepare_split("train", section.train, **job)
         eval_ds = parts_ = None
         if section.eval:
             eval_ds, more = _prepare_split("eval", section.eval, **job)
             converted += more
         if len(train) == 0:
-            raise UserError(f"data.train: no usable rows in {', '.join(section.train)}")
+            raise UserError(f"data.train: no usable rows in {', '.join(map(str, section.train))}")
         if eval_ds is None and section.eval_split > 0:
             parts_ = train.train_test_split(
                 test_size=section.eval_split, seed=seed,
@@ -174,13 +182,15 @@ def prepare(key: str, parts: dict, section: DataSection, tokenizer, kind: str, s
         del train, eval_ds, parts_  # the memory maps of the work files, before removing them
         shutil.rmtree(work)
         dropped = [[p.where, p.what] for p in report.dropped]
-        entry = cache.publish(tmp, key, parts, {"rows": report.rows, "dropped": dropped})
+        entry = cache.publish(tmp, key, parts, {"rows": report.rows, "dropped": dropped, "sources": report.sources})
     return (entry, json.loads((entry / cache.MANIFEST).read_text())), converted
 
 
-def _prepare_split(name: str, sources: list[str], work: Path, key: str, section: DataSection, tokenizer, kind: str,
-                   num_proc: int | None, report: Report) -> tuple[Dataset, int]:
-    raw = _read(sources, work / f"{name}-raw.arrow", name)
+def _prepare_split(name: str, entries: list, work: Path, key: str, section: DataSection, tokenizer, kind: str,
+                   num_proc: int | None, report: Report, seed: int) -> tuple[Dataset, int]:
+    raw, heads = _read(entries, work / f"{name}-raw.arrow", name)
+    specs = [sources.spec(e) for e in entries]
+    shapes = sources.detect_formats(specs, heads, kind, f"data.{name}")  # each source's format, logged
     if kind == "sft":
         out = {"input_ids": List(Value("int32")), **({"assistant_masks": List(Value("int64"))}
                                                       if section.assistant_only_loss else {})}
@@ -188,7 +198,8 @@ def _prepare_split(name: str, sources: list[str], work: Path, key: str, section:
         out = {f"{c}_{form}": Value("string") if form == "text" else MESSAGES for c in PAIR for form in ("text", "messages")}
     converted = raw.map(
         _convert_batch, batched=True, remove_columns=["text"], features=Features({**_KEEP, **out}),
-        fn_kwargs={"convert": CONVERTERS[kind](tokenizer, section), "kind": kind, "columns": list(out), "sources": sources},
+        fn_kwargs={"convert": CONVERTERS[kind](tokenizer, section), "kind": kind, "columns": list(out),
+                   "sources": [str(s) for s in specs], "shapes": [(f, dict(s.columns)) for f, s in zip(shapes, specs)]},
         num_proc=num_proc if num_proc and num_proc > 1 and len(raw) >= num_proc else None,
         cache_file_name=str(work / f"{name}-converted.arrow"), new_fingerprint=f"{key}-{name}-converted",
         desc=f"Checking and tokenizing {name} rows",
@@ -196,8 +207,11 @@ def _prepare_split(name: str, sources: list[str], work: Path, key: str, section:
     table = converted.data.table
     ok = pc.is_null(table["error"])
     if (pc.sum(ok).as_py() or 0) != len(table):
-        _resolve_errors(table.filter(pc.invert(ok)).select(list(_KEEP)).to_pylist(), sources, section, report)
-        good = pc.indices_nonzero(ok).to_pylist()
+        _resolve_errors(table.filter(pc.invert(ok)).select(list(_KEEP)).to_pylist(), [str(s) for s in specs], section, report)
+    # the usable rows, drawn per source as the mixture says (finetune/data/mixture.py)
+    good, used = mixture.take(table["source"].to_numpy(), ok.to_numpy(), specs, seed, f"data.{name}", shapes)
+    report.sources += [{"split": name, **u} for u in used]
+    if good is not None:
         converted = converted.select(good, indices_cache_file_name=str(work / f"{name}-good.arrow"),
                                      new_fingerprint=f"{key}-{name}-good")
     report.rows += len(converted)
@@ -237,36 +251,15 @@ def _user_error(payload: str) -> UserError:
     return UserError([Problem(*p) for p in raw["problems"]], title=raw["title"])
 
 
-def _read(sources: list[str], path: Path, name: str) -> Dataset:
+def _read(entries: list, path: Path, name: str) -> tuple[Dataset, dict[int, list[str]]]:
     """Step 1: the rows of every source as JSON text in one Arrow file; a source that cannot be read
-    becomes one error row (number 0), raised later in source order."""
-    total = sum(Path(s).stat().st_size for s in sources if Path(s).suffix in files.LOCAL_SUFFIXES and Path(s).is_file())
-    writer = ArrowWriter(features=RAW, path=str(path), writer_batch_size=1000)
-    batch = {c: [] for c in RAW}
-
-    def add(source, number, text, error):
-        for c, v in zip(RAW, (source, number, text, error)):
-            batch[c].append(v)
-        if len(batch["text"]) >= 1000:
-            writer.write_batch(batch)
-            for v in batch.values():
-                v.clear()
-
-    with tqdm(total=total or None, unit="B", unit_scale=True, desc=f"Reading {name} data") as bar:
-        for i, source in enumerate(sources):
-            try:
-                for number, text in files.iter_source(source, progress=bar.update):
-                    add(i, number, text, None)
-            except UserError as exc:
-                add(i, 0, None, _as_payload(exc))
-    if batch["text"]:
-        writer.write_batch(batch)
-    writer.finalize()
-    writer.close()
-    return Dataset.from_file(str(path))
+    becomes one error row (number 0), raised later in source order. Also each source's first rows
+    (their columns tell its format). sources.write_rows does it."""
+    heads = sources.write_rows(entries, path, RAW, f"Reading {name} data", _as_payload)
+    return Dataset.from_file(str(path)), heads
 
 
-def _convert_batch(batch: dict, convert, kind: str, columns: list[str], sources: list[str]) -> dict:
+def _convert_batch(batch: dict, convert, kind: str, columns: list[str], sources: list[str], shapes: list) -> dict:
     """Step 2, on a batch of rows in a map worker: parse, check, tokenize; errors become columns."""
     n = len(batch["text"])
     out = {"error": [None] * n, "error_kind": [None] * n}
@@ -282,7 +275,7 @@ def _convert_batch(batch: dict, convert, kind: str, columns: list[str], sources:
             out["error"][j], out["error_kind"][j] = _as_payload(UserError(files.json_error(sources[source], number, exc))), READ
             continue
         try:
-            row = convert_row(convert, value)
+            row = convert_row(convert, formats.to_shape(value, *shapes[source], kind))  # the source's format first
         except RowError as exc:
             out["error"][j], out["error_kind"][j] = str(exc), ROW
             continue

@@ -22,6 +22,8 @@ class RowError(Exception):
 class Report:
     rows: int = 0
     dropped: list[Problem] = field(default_factory=list)
+    sources: list[dict] = field(default_factory=list)
+    """Per source: where, format, usable rows, rows used (finetune/data/prep.py; <run>/data_report.json `sources`)."""
 
 
 def message_text(content, what: str) -> str:

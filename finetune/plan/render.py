@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from finetune.data.files import count_rows
+from finetune.data.sources import count_rows
 from finetune.errors import UserError
 from finetune.plan import hardware, plan
 from finetune.plan.launch import read_launch

@@ -4,7 +4,8 @@ A recipe is one YAML file per stage (recipes/<model>/sft.yaml, recipes/<model>/d
 module turns it into a `Recipe` and collects every structural problem (unknown key with a
 did-you-mean, wrong type, bad choice) with its dotted key path. Checks that need the model or
 the disk (files exist, LoRA targets match) live in finetune/validate/.
-Modules: schema.py (the sections), structure.py (types, choices, ranges), yaml_io.py (YAML, --set).
+Modules: schema.py (the sections), structure.py (types, choices, ranges), sources.py (data sources:
+format and mixture settings), yaml_io.py (YAML, --set).
 
     finetune validate recipes/tiny-moe/sft.yaml
 Layer: recipe (imports errors only).
@@ -25,12 +26,14 @@ from finetune.recipe.schema import (  # noqa: F401  (the schema is this package'
     EXPERT_ALIASES,
     EXPERT_TARGETS,
     DataSection,
+    DataSource,
     LoraGroup,
     LoraSection,
     ModelSection,
     Recipe,
     RouterSection,
 )
+from finetune.recipe.sources import FORMATS, check_sources  # noqa: F401
 from finetune.recipe.structure import CHOICES, build, check_choices  # noqa: F401
 from finetune.recipe.yaml_io import BOOL_HINT, YAML11_BOOLS, apply_overrides, load_yaml  # noqa: F401
 
@@ -76,6 +79,7 @@ def non_finite(node, where: str = "") -> list[Problem]:
 def recipe_from_dict(raw: dict, problems: list[Problem]) -> Recipe:
     recipe = build(Recipe, raw, "", problems)
     check_choices(recipe, problems)
+    check_sources(recipe, problems)
     return recipe
 
 

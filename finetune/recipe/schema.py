@@ -38,11 +38,43 @@ class ModelSection:
 
 
 @dataclass
+class DataSource:
+    """One entry of data.train / data.eval written as a mapping (docs/data.md). A plain string entry
+    is the same as `{path: STRING}`; finetune/data/sources.py reads both."""
+
+    path: str = ""
+    """A local file (.jsonl, .json, .parquet, .csv), a datasets.save_to_disk folder, or (as in a plain string) `hub/name[:split]`."""
+    name: str = ""
+    """A hub data set id (instead of `path`)."""
+    config: str | None = None
+    """The hub data set's configuration (datasets.load_dataset's `name`), e.g. `default`."""
+    split: str | None = None
+    """The split to read: hub data sets and save_to_disk folders holding several splits; default train."""
+    data_files: list[str] = field(default_factory=list)
+    """Which files of the hub data set (or local folder) to read (datasets.load_dataset's `data_files`)."""
+    format: str = "auto"
+    """auto (detected from the columns and logged), messages, prompt_completion, sharegpt, alpaca, preference."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """The format's column names -> this source's, e.g. {messages: conversation} or {prompt: question}."""
+    weight: float | None = None
+    """This source's share of the mixture (weights of one list are normalised); instead of `samples`."""
+    samples: int | None = None
+    """Exactly this many rows of the source, drawn with the recipe seed; instead of `weight`."""
+    replace: bool = False
+    """With `samples`: draw with replacement (needed when samples exceeds the source's rows)."""
+
+    def __str__(self) -> str:
+        """How messages name the source: its path, or `name[:split]`."""
+        where = self.path or self.name
+        return f"{where}:{self.split}" if self.name and self.split else where
+
+
+@dataclass
 class DataSection:
-    train: list[str] = field(default_factory=list)
-    """Training files (.jsonl, .json, .parquet) or hub data set names (name or name:split)."""
-    eval: list[str] = field(default_factory=list)
-    """Evaluation files or hub names; empty: take `eval_split` of train, or no eval."""
+    train: list[str | DataSource] = field(default_factory=list)
+    """Training sources: a file (.jsonl, .json, .parquet, .csv), a save_to_disk folder or a hub data set (name or name:split), or a mapping (DataSource)."""
+    eval: list[str | DataSource] = field(default_factory=list)
+    """Evaluation sources, as train; empty: take `eval_split` of train, or no eval."""
     eval_split: float = 0.0
     """Fraction of the training rows held out for evaluation when `eval` is empty."""
     max_length: int = 1024

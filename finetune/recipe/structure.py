@@ -27,6 +27,16 @@ def _check_value(value, tp, where: str, problems: list[Problem]):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
+        classes = [a for a in args if dataclasses.is_dataclass(a)]
+        if classes and len(args) > 1:  # `str | DataSource`: a mapping is the dataclass, anything else the rest
+            if isinstance(value, dict):
+                return _check_value(value, classes[0], where, problems)
+            rest = [a for a in args if a not in classes]
+            if any(type(value) is a for a in rest):
+                return value
+            names = " or ".join([*(_type_name(a) for a in rest), f"a mapping of {classes[0].__name__} keys"])
+            problems.append(Problem(where, f"expected {names}, got {value!r}"))
+            return value
         simple = [a for a in args if a in (int, float, str, bool)]
         if len(simple) > 1 and len(simple) == len(args):  # `int | str`: the value's own type, if listed
             if any(type(value) is a for a in simple):
@@ -42,8 +52,8 @@ def _check_value(value, tp, where: str, problems: list[Problem]):
         return build(tp, value, where, problems)
     if origin is list:
         (item_tp,) = typing.get_args(tp)
-        if isinstance(value, (str, int, float)):
-            value = [value]  # a single file is the common case; accept it without list syntax
+        if isinstance(value, (str, int, float)) or (isinstance(value, dict) and _has_dataclass(item_tp)):
+            value = [value]  # a single file (or source mapping) is the common case; accept it without list syntax
         if not isinstance(value, list):
             problems.append(Problem(where, f"expected a list, got {value!r}"))
             return []
@@ -52,6 +62,9 @@ def _check_value(value, tp, where: str, problems: list[Problem]):
         if not isinstance(value, dict):
             problems.append(Problem(where, f"expected a mapping, got {value!r}"))
             return {}
+        if origin is dict:  # `dict[str, str]` (a source's columns): every value checked, named by its key
+            _, value_tp = typing.get_args(tp)
+            return {k: _check_value(v, value_tp, f"{where}.{k}", problems) for k, v in value.items()}
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -69,6 +82,10 @@ def _check_value(value, tp, where: str, problems: list[Problem]):
         problems.append(Problem(where, f"expected {_type_name(tp)}, got {value!r}{hint}"))
         return value
     return value
+
+
+def _has_dataclass(tp) -> bool:
+    return any(dataclasses.is_dataclass(a) for a in (typing.get_args(tp) or (tp,)))
 
 
 def build(cls, raw: dict, prefix: str, problems: list[Problem]):

@@ -6,6 +6,7 @@
       adapter_model.safetensors /
       tokenizer files      with the chat template
       metrics.json         final losses, tokens seen, trainable parameters per group, timings
+      data_report.json     per data source (`sources`): format, rows read, usable, used by the mixture
       chain.json           base model -> SFT run -> DPO run, so export can rebuild the model
       logs/                the loggers' files (report_to: tensorboard, wandb, mlflow, trackio)
       samples.jsonl        greedy answers while training (recipe `samples:`), one {step, prompt, answer} a line

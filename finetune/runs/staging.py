@@ -55,9 +55,10 @@ def _protected(recipe: Recipe) -> dict[str, str]:
         protected["the base model"] = recipe.model.name_or_path
     if recipe.from_run:
         protected["the parent run (from_run)"] = recipe.from_run
-    for i, source in enumerate([*recipe.data.train, *recipe.data.eval]):
-        if Path(source).exists():
-            protected[f"data file {source}'s directory"] = str(Path(source).resolve().parent)
+    for source in [*recipe.data.train, *recipe.data.eval]:
+        path = Path(getattr(source, "path", source))  # a string, or a DataSource mapping's path
+        if str(path) and path.exists():
+            protected[f"data file {source}'s directory"] = str(path.resolve().parent)
     return protected
 
 

@@ -23,6 +23,7 @@ from transformers import TrainerCallback
 
 from finetune.data.files import read_rows
 from finetune.data.rows import RowError, as_messages, check_messages
+from finetune.data.sources import read_shaped
 from finetune.errors import UserError
 
 log = logging.getLogger("finetune")
@@ -47,7 +48,7 @@ def read_prompts(prompts: int | str, eval_sources: list[str]) -> list[list[dict]
     sources = [prompts] if isinstance(prompts, str) else list(eval_sources)
     out = []
     for source in sources:
-        for row in read_rows(source):
+        for row in read_rows(source) if isinstance(prompts, str) else read_shaped(source):  # eval data: its format
             try:
                 out.append(prompt_of(row.value))
             except RowError as exc:

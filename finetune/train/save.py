@@ -6,6 +6,7 @@ Layer: train; imports distributed, runs.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from finetune.runs.adapter_check import check_saved_adapter
 from finetune.runs.resume import RunTotalsCallback, newest_checkpoint
 from finetune.train.preempt import PreemptionCallback
 from finetune.train.tokens import TokenCounter
+
+DATA_REPORT = "data_report.json"
 
 
 def final_losses(log_history: list[dict]) -> dict:
@@ -156,6 +159,8 @@ def _save_run(stage, trainer, tokenizer, rundir, recipe, checked, counts, report
         "final": final_losses(trainer.state.log_history),
         "log_history": trainer.state.log_history,
     }
+    # what each data source gave (format, usable rows, rows used by the mixture): finetune/data/mixture.py
+    (staging / DATA_REPORT).write_text(json.dumps({"sources": report.sources}, indent=1) + "\n")
     rundirs.finish(rundir, recipe, stage, parent_chain, metrics)
     print_summary(stage, rundir.out, metrics)
     return rundir.out

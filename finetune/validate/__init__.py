@@ -14,7 +14,7 @@ settings without eval data, loggers that are not installed, samples and early st
     finetune validate recipes/mixtral-8x7b/sft.yaml
 
 Modules: passthrough.py (the TRL sections), resolve.py (the recipe a run records: absolute paths,
-the aux-loss coefficient actually used).
+the aux-loss coefficient actually used), sources.py (data sources: first rows, format, mapping).
 Layer: validate (below stages; imports train.args as a sibling, then load's layers downward).
 """
 
@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune import modeling, runs
-from finetune.data.files import LOCAL_SUFFIXES
 from finetune.errors import Problem, UserError
 from finetune.lora.targets import Targets, expected_trainable, resolve_targets
 from finetune.moe import experts_modules
@@ -33,6 +32,7 @@ from finetune.qlora.checks import parameter_target_problems, recipe_problems
 from finetune.recipe import Recipe
 from finetune.runs import from_model
 from finetune.validate.passthrough import check_eval_and_split, check_passthrough, check_trainer_config
+from finetune.validate.sources import check_sources
 from finetune.validate.watching import check_watching
 
 
@@ -78,10 +78,7 @@ def _check_stage_sections(recipe: Recipe, stage: str, problems: list[Problem]) -
         problems.append(Problem("output_dir", "required: where the run writes its adapter and metrics"))
     if not recipe.data.train:
         problems.append(Problem("data.train", "required: at least one training file or hub data set"))
-    for key in ("train", "eval"):
-        for i, source in enumerate(getattr(recipe.data, key)):
-            if Path(source).suffix in LOCAL_SUFFIXES and not Path(source).is_file():
-                problems.append(Problem(f"data.{key}[{i}]", f"file not found: {source} (relative to {Path.cwd()})"))
+    check_sources(recipe, stage, problems)  # files exist; first rows: format, mapping, samples (sources.py)
     template = recipe.model.chat_template
     if template and template.endswith(".jinja") and not Path(template).is_file():
         problems.append(Problem("model.chat_template", f"file not found: {template}"))

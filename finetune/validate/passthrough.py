@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from finetune.data.files import count_rows
+from finetune.data.sources import count_rows
 from finetune.errors import Problem, UserError, did_you_mean
 from finetune.recipe import BOOL_HINT, YAML11_BOOLS, Recipe
 from finetune.train.args import STAGE_DEFAULTS, trainer_args
@@ -134,7 +134,8 @@ def check_eval_and_split(recipe: Recipe, stage: str, problems: list[Problem]) ->
     split = recipe.data.eval_split
     if recipe.data.eval or not isinstance(split, float) or not 0 < split < 1:
         return
-    counts = [count_rows(s) for s in recipe.data.train]
+    # a source with `samples` gives exactly that many rows (finetune/data/mixture.py)
+    counts = [s.samples if isinstance(getattr(s, "samples", None), int) else count_rows(s) for s in recipe.data.train]
     if None in counts:
         return  # a hub data set, or a file the data reader will report
     batch = section.get("per_device_train_batch_size", STAGE_DEFAULTS[stage]["per_device_train_batch_size"])

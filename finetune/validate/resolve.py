@@ -10,7 +10,7 @@ import copy
 from pathlib import Path
 
 from finetune import modeling
-from finetune.recipe import Recipe
+from finetune.recipe import DataSource, Recipe
 from finetune.validate import check
 
 
@@ -41,8 +41,12 @@ def absolute(recipe: Recipe) -> Recipe:
     out.model.name_or_path = fix(out.model.name_or_path)
     if out.model.chat_template and out.model.chat_template.endswith(".jinja"):
         out.model.chat_template = fix(out.model.chat_template)
-    out.data.train = [fix(p) for p in out.data.train]
-    out.data.eval = [fix(p) for p in out.data.eval]
+    for entries in (out.data.train, out.data.eval):
+        for i, entry in enumerate(entries):
+            if isinstance(entry, DataSource):  # a mapping: its path and its local data files
+                entry.path, entry.data_files = fix(entry.path), [fix(f) for f in entry.data_files]
+            else:
+                entries[i] = fix(entry)
     out.output_dir = str(Path(out.output_dir).resolve())
     if out.from_run:
         out.from_run = fix(out.from_run)
