@@ -6,20 +6,44 @@ finetune/data/prep.py runs the converter for the stage on every row in parallel 
 
 from __future__ import annotations
 
-from finetune.data.masks import encode, render, tokenize_sft
-from finetune.data.rows import RowError, as_messages, check_messages, sft_messages
+from finetune.data.masks import tokenize_sft
+from finetune.data.rows import (
+    NO_TRAINED_TOKEN,
+    NOTES,
+    PROMPT_TOO_LONG,
+    TOO_LONG,
+    TRUNCATED,
+    RowError,
+    as_messages,
+    check_messages,
+    sft_messages,
+)
 from finetune.recipe import DataSection
 
 
 def sft_converter(tokenizer, section: DataSection):
     """A row's JSON object -> {input_ids, assistant_masks (when assistant_only_loss)}; RowError when it does not fit."""
     def convert(value: dict) -> dict:
-        encoded = tokenize_sft(tokenizer, sft_messages(value), section.assistant_only_loss)
-        if len(encoded["input_ids"]) > section.max_length:
-            raise RowError(f"{len(encoded['input_ids'])} tokens, longer than data.max_length={section.max_length}")
-        return encoded
+        return fit_sft(tokenize_sft(tokenizer, sft_messages(value), section.assistant_only_loss), section)
 
     return convert
+
+
+def fit_sft(encoded: dict, section: DataSection) -> dict:
+    """A tokenized SFT row within data.max_length, as data.too_long says: a RowError (too long: an error
+    or dropped, the caller decides), or its first max_length tokens with their mask (keep_start, as
+    TRL and LLaMA-Factory truncate): the prompt's start and as much of the answers as fits. In a
+    conversation the turns before the cut stay whole, the one at the cut loses its end, later ones go;
+    a row with no assistant token left is dropped (reason NO_TRAINED_TOKEN)."""
+    n, limit = len(encoded["input_ids"]), section.max_length
+    if n <= limit:
+        return encoded
+    if section.too_long != "truncate":
+        raise RowError(f"{n} tokens, longer than data.max_length={limit}", TOO_LONG)
+    out = {k: v[:limit] if k in ("input_ids", "assistant_masks") else v for k, v in encoded.items()}
+    if "assistant_masks" in out and not any(out["assistant_masks"]):
+        raise RowError(f"{n} tokens; its first data.max_length={limit} hold no assistant token", NO_TRAINED_TOKEN)
+    return out | {NOTES: [*encoded.get(NOTES, []), TRUNCATED]}
 
 
 def _split_implicit_prompt(value: dict) -> dict:
@@ -41,7 +65,7 @@ def _split_implicit_prompt(value: dict) -> dict:
     return value if "prompt" in value else {**value, "prompt": prompt}
 
 
-def preference_row(value: dict, tokenizer, max_length: int) -> dict:
+def preference_row(value: dict, tokenizer, max_length: int, too_long: str = "drop") -> dict:
     """prompt/chosen/rejected, conversational or plain text, checked; chosen == rejected is an error."""
     value = _split_implicit_prompt(value)
     missing = [k for k in ("prompt", "chosen", "rejected") if k not in value]
@@ -51,25 +75,55 @@ def preference_row(value: dict, tokenizer, max_length: int) -> dict:
     if all(isinstance(x, str) for x in (prompt, chosen, rejected)):
         if not all(x.strip() for x in (prompt, chosen, rejected)):
             raise RowError("prompt, chosen and rejected must be non-empty")
-        texts = [prompt + chosen, prompt + rejected]
         out = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
     else:
         prompt = check_messages(as_messages(prompt, "user", "prompt"), "prompt", last_role="user")
         chosen = check_messages(prompt + as_messages(chosen, "assistant", "chosen"), "prompt+chosen")[len(prompt):]
         rejected = check_messages(prompt + as_messages(rejected, "assistant", "rejected"), "prompt+rejected")[len(prompt):]
-        texts = [render(tokenizer, prompt + chosen), render(tokenizer, prompt + rejected)]
         out = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
     if out["chosen"] == out["rejected"]:
         raise RowError("chosen equals rejected: the pair teaches nothing")
-    longest = max(len(encode(tokenizer, t)[0]) for t in texts)
+    prompt_length, longest = trl_lengths(tokenizer, out)
+    if too_long == "truncate":
+        # DPOConfig.max_length is data.max_length (train/args.py) with TRL's keep_start: its collator
+        # cuts longer rows, and its _prepare_dataset filters out rows whose prompt alone fills
+        # max_length. Those are dropped here, so that they are counted, and TRL's filter finds none.
+        if prompt_length >= max_length:
+            raise RowError(f"the prompt alone is {prompt_length} tokens, data.max_length={max_length}: no completion "
+                           "token would be left", PROMPT_TOO_LONG)
+        return out | ({NOTES: [*value.get(NOTES, []), TRUNCATED]} if longest > max_length else {})
     if longest > max_length:
-        raise RowError(f"{longest} tokens, longer than data.max_length={max_length}")
+        raise RowError(f"{longest} tokens, longer than data.max_length={max_length}", TOO_LONG)
     return out
+
+
+def trl_lengths(tokenizer, row: dict) -> tuple[int, int]:
+    """(prompt tokens, longest prompt+completion in tokens) as TRL 1.16's DPOTrainer._prepare_dataset
+    tokenizes the row, with its own functions: plain-text completions get the EOS token, a
+    conversation's prompt is rendered with the generation prompt, and the completion starts where
+    the prompt and prompt+completion tokens diverge. So the length checked is the length trained."""
+    from trl.data_utils import (  # trl costs seconds to import: only preference rows need it
+        _tokenize,
+        common_prefix_length,
+    )
+
+    try:
+        if isinstance(row["prompt"], str):
+            eos = tokenizer.eos_token
+            prompt = _tokenize(tokenizer, row["prompt"])["input_ids"]
+            full = [_tokenize(tokenizer, row["prompt"] + (c if c.endswith(eos) else c + eos))["input_ids"]
+                    for c in (row["chosen"], row["rejected"])]
+        else:
+            prompt = _tokenize(tokenizer, row["prompt"], add_generation_prompt=True)["input_ids"]
+            full = [_tokenize(tokenizer, row["prompt"] + row[c])["input_ids"] for c in ("chosen", "rejected")]
+    except Exception as exc:  # jinja raise_exception() and template errors, as masks.render
+        raise RowError(f"the chat template rejects this conversation: {exc}") from None
+    return min(common_prefix_length(prompt, f) for f in full), max(len(f) for f in full)
 
 
 def preference_converter(tokenizer, section: DataSection):
     """A row's JSON object -> {prompt, chosen, rejected} (TRL's DPOTrainer tokenizes them); RowError when it does not fit."""
-    return lambda value: preference_row(value, tokenizer, section.max_length)
+    return lambda value: preference_row(value, tokenizer, section.max_length, section.too_long)
 
 
 # What each stage kind turns a row into. finetune/data/prep.py runs the converter on every row in

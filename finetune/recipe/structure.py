@@ -110,6 +110,7 @@ CHOICES = {
     "model.dtype": ["auto", "float32", "bfloat16", "float16"],
     "model.quantization": ["none", "nf4"],
     "data.bad_rows": ["error", "drop"],
+    "data.too_long": ["error", "drop", "truncate"],
     "lora.expert_path": ["fast", "peft"],
     "router.policy": ["freeze", "train", "lora"],
     "early_stopping.mode": ["auto", "min", "max"],
