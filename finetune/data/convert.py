@@ -98,10 +98,17 @@ def preference_row(value: dict, tokenizer, max_length: int, too_long: str = "dro
 
 
 def trl_lengths(tokenizer, row: dict) -> tuple[int, int]:
-    """(prompt tokens, longest prompt+completion in tokens) as TRL 1.16's DPOTrainer._prepare_dataset
-    tokenizes the row, with its own functions: plain-text completions get the EOS token, a
-    conversation's prompt is rendered with the generation prompt, and the completion starts where
-    the prompt and prompt+completion tokens diverge. So the length checked is the length trained."""
+    """(prompt tokens, longest prompt+completion in tokens) as TRL's DPOTrainer sees the row (trl_ids)."""
+    prompt_length, full = trl_ids(tokenizer, row)
+    return prompt_length, max(len(f) for f in full)
+
+
+def trl_ids(tokenizer, row: dict) -> tuple[int, list[list[int]]]:
+    """(prompt tokens, [prompt+chosen ids, prompt+rejected ids]) as TRL 1.16's
+    DPOTrainer._prepare_dataset tokenizes the row, with its own functions: plain-text completions
+    get the EOS token, a conversation's prompt is rendered with the generation prompt, and the
+    completion starts where the prompt and prompt+completion tokens diverge. So the length checked
+    is the length trained; TRL's collator then keeps the first max_length tokens of each."""
     from trl.data_utils import (  # trl costs seconds to import: only preference rows need it
         _tokenize,
         common_prefix_length,
@@ -118,7 +125,7 @@ def trl_lengths(tokenizer, row: dict) -> tuple[int, int]:
             full = [_tokenize(tokenizer, row["prompt"] + row[c])["input_ids"] for c in ("chosen", "rejected")]
     except Exception as exc:  # jinja raise_exception() and template errors, as masks.render
         raise RowError(f"the chat template rejects this conversation: {exc}") from None
-    return min(common_prefix_length(prompt, f) for f in full), max(len(f) for f in full)
+    return min(common_prefix_length(prompt, f) for f in full), full
 
 
 def preference_converter(tokenizer, section: DataSection):
