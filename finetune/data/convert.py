@@ -123,7 +123,7 @@ def trl_ids(tokenizer, row: dict) -> tuple[int, list[list[int]]]:
         else:
             prompt = _tokenize(tokenizer, row["prompt"], add_generation_prompt=True)["input_ids"]
             full = [_tokenize(tokenizer, row["prompt"] + row[c])["input_ids"] for c in ("chosen", "rejected")]
-    except Exception as exc:  # jinja raise_exception() and template errors, as masks.render
+    except Exception as exc:  # noqa: BLE001  (jinja raise_exception() and template errors, as masks.render)
         raise RowError(f"the chat template rejects this conversation: {exc}") from None
     return min(common_prefix_length(prompt, f) for f in full), full
 

@@ -11,6 +11,7 @@ tokens marked (colour on a terminal, ⟦brackets⟧ otherwise). Like axolotl's `
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 
@@ -48,8 +49,7 @@ def preview(recipe: Recipe, stage: str, show: int, output: Path, colour: bool = 
     num_proc = getattr(recipe, stage).get("dataset_num_proc")
     train, eval_ds, report = build_datasets(recipe.data, tokenizer, kind, recipe.seed, num_proc)
     data = recipe.data
-    lines = [f"{stage} data, data.max_length {data.max_length}, data.too_long {data.too_long}, "
-             f"data.bad_rows {data.bad_rows}:"]
+    lines = [f"{stage} data, data.max_length {data.max_length}, data.too_long {data.too_long}, data.bad_rows {data.bad_rows}:"]
     lines += source_lines(report)
     lines.append(f"rows: {len(train)} train" + (f", {len(eval_ds)} eval" if eval_ds is not None else ""))
     if kind == "sft":
@@ -102,8 +102,9 @@ def length_lines(lengths: np.ndarray, max_length: int) -> list[str]:
         return ["token lengths: no rows"]
     cuts = ", ".join(f"p{q} {int(v)}" for q, v in zip(PERCENTILES, np.percentile(lengths, PERCENTILES)))
     at_limit = int((lengths >= max_length).sum())
-    return [f"token lengths ({len(lengths)} train rows, as trained): min {lengths.min()}, mean {lengths.mean():.0f}, "
-            f"{cuts}, max {lengths.max()}; {at_limit} at data.max_length {max_length}"]
+    line = (f"token lengths ({len(lengths)} train rows, as trained): min {lengths.min()}, mean {lengths.mean():.0f}, "
+            f"{cuts}, max {lengths.max()}; {at_limit} at data.max_length {max_length}")
+    return [line]
 
 
 def render_marked(tokenizer, ids: list[int], mask: list[int], colour: bool) -> str:
@@ -111,7 +112,7 @@ def render_marked(tokenizer, ids: list[int], mask: list[int], colour: bool) -> s
     ids before and through it, so spaces that a decoder drops at a string's start stay right."""
     bounds = [0] + [k for k in range(1, len(ids)) if mask[k] != mask[k - 1]] + [len(ids)]
     out, done = [], ""
-    for a, b in zip(bounds, bounds[1:]):
+    for a, b in itertools.pairwise(bounds):
         through = tokenizer.decode(ids[:b], skip_special_tokens=False)
         text = through[len(done):] if through.startswith(done) else tokenizer.decode(ids[a:b], skip_special_tokens=False)
         done = through
