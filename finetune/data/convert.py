@@ -6,7 +6,7 @@ finetune/data/prep.py runs the converter for the stage on every row in parallel 
 
 from __future__ import annotations
 
-from finetune.data.masks import tokenize_sft
+from finetune.data.masks import encode, render, tokenize_sft
 from finetune.data.rows import (
     NO_TRAINED_TOKEN,
     NOTES,
@@ -83,7 +83,7 @@ def preference_row(value: dict, tokenizer, max_length: int, too_long: str = "dro
         out = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
     if out["chosen"] == out["rejected"]:
         raise RowError("chosen equals rejected: the pair teaches nothing")
-    prompt_length, longest = trl_lengths(tokenizer, out)
+    prompt_length, longest = trl_lengths(tokenizer, out, prompt=too_long == "truncate")
     if too_long == "truncate":
         # DPOConfig.max_length is data.max_length (train/args.py) with TRL's keep_start: its collator
         # cuts longer rows, and its _prepare_dataset filters out rows whose prompt alone fills
@@ -97,35 +97,36 @@ def preference_row(value: dict, tokenizer, max_length: int, too_long: str = "dro
     return out
 
 
-def trl_lengths(tokenizer, row: dict) -> tuple[int, int]:
-    """(prompt tokens, longest prompt+completion in tokens) as TRL's DPOTrainer sees the row (trl_ids)."""
-    prompt_length, full = trl_ids(tokenizer, row)
+def trl_lengths(tokenizer, row: dict, prompt: bool = True) -> tuple[int | None, int]:
+    """(prompt tokens, or None unless asked; longest prompt+completion in tokens) as TRL's DPOTrainer sees the row (trl_ids)."""
+    prompt_length, full = trl_ids(tokenizer, row, prompt)
     return prompt_length, max(len(f) for f in full)
 
 
-def trl_ids(tokenizer, row: dict) -> tuple[int, list[list[int]]]:
+def trl_ids(tokenizer, row: dict, prompt: bool = True) -> tuple[int | None, list[list[int]]]:
     """(prompt tokens, [prompt+chosen ids, prompt+rejected ids]) as TRL 1.16's
-    DPOTrainer._prepare_dataset tokenizes the row, with its own functions: plain-text completions
-    get the EOS token, a conversation's prompt is rendered with the generation prompt, and the
-    completion starts where the prompt and prompt+completion tokens diverge. So the length checked
-    is the length trained; TRL's collator then keeps the first max_length tokens of each."""
-    from trl.data_utils import (  # trl costs seconds to import: only preference rows need it
-        _tokenize,
-        common_prefix_length,
-    )
+    DPOTrainer._prepare_dataset tokenizes the row: plain-text completions get the EOS token and the
+    texts the tokenizer's special tokens (its `_tokenize`: tokenizer(text)); a conversation is
+    apply_chat_template(tokenize=True), which is tokenizer(rendered, add_special_tokens=False), the
+    prompt rendered with the generation prompt (here masks.render and masks.encode, half the time of
+    the tokenize=True call, measured); the completion starts where the prompt and prompt+completion
+    tokens diverge (TRL's common_prefix_length). So the length checked is the length trained;
+    TRL's collator then keeps the first max_length tokens of each. tests/unit/data/test_too_long.py
+    runs TRL's own preparation on the same rows. prompt=False: the lengths only (a render less)."""
+    from trl.data_utils import common_prefix_length  # trl costs seconds to import: only preference rows need it
 
-    try:
-        if isinstance(row["prompt"], str):
-            eos = tokenizer.eos_token
-            prompt = _tokenize(tokenizer, row["prompt"])["input_ids"]
-            full = [_tokenize(tokenizer, row["prompt"] + (c if c.endswith(eos) else c + eos))["input_ids"]
-                    for c in (row["chosen"], row["rejected"])]
-        else:
-            prompt = _tokenize(tokenizer, row["prompt"], add_generation_prompt=True)["input_ids"]
-            full = [_tokenize(tokenizer, row["prompt"] + row[c])["input_ids"] for c in ("chosen", "rejected")]
-    except Exception as exc:  # noqa: BLE001  (jinja raise_exception() and template errors, as masks.render)
-        raise RowError(f"the chat template rejects this conversation: {exc}") from None
-    return min(common_prefix_length(prompt, f) for f in full), full
+    text = isinstance(row["prompt"], str)
+    if text:
+        eos = tokenizer.eos_token
+        full = [tokenizer(row["prompt"] + (c if c.endswith(eos) else c + eos))["input_ids"]
+                for c in (row["chosen"], row["rejected"])]
+    else:
+        full = [encode(tokenizer, render(tokenizer, row["prompt"] + row[c]))[0] for c in ("chosen", "rejected")]
+    if not prompt:
+        return None, full
+    ids = (tokenizer(row["prompt"])["input_ids"] if text
+           else encode(tokenizer, render(tokenizer, row["prompt"], add_generation_prompt=True))[0])
+    return min(common_prefix_length(ids, f) for f in full), full
 
 
 def preference_converter(tokenizer, section: DataSection):

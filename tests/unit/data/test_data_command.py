@@ -100,3 +100,8 @@ def test_validate_refuses_an_unknown_too_long(tmp_path):
                          data={"train": [str(write_jsonl(tmp_path / "sft.jsonl", ROWS[:1]))], "too_long": "cut"})
     with pytest.raises(UserError, match=r"data.too_long: `cut` is not one of error, drop, truncate"):
         check(read_recipe(str(recipe)), "sft")
+    # TRL's own truncation_mode would undo what too_long: truncate counted: one place for the setting
+    recipe = recipe_file(tmp_path, output_dir=str(tmp_path / "run"), from_model=str(TINY_MOE),
+                         data={"train": [str(write_jsonl(tmp_path / "p.jsonl", []))]}, dpo={"truncation_mode": "keep_end"})
+    with pytest.raises(UserError, match=r"dpo.truncation_mode: set `data.too_long` in the recipe instead"):
+        check(read_recipe(str(recipe)), "dpo")

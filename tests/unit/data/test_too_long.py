@@ -49,6 +49,9 @@ def test_sft_truncate_keeps_the_start_of_ids_and_mask(tmp_path, tok):
     assert source["rows_read"] == 4 and source["usable"] == 3 and source["used"] == 3
     assert source["dropped"] == {"no trained token left": 1} and source["changed"] == {"truncated": 1}
     assert [p.where for p in report.dropped] == [f"{path}:3"]
+    # a cache hit reports the same counts (they are in the entry's manifest, then in <run>/data_report.json)
+    again = build_datasets(DataSection(train=[str(path)], max_length=LIMIT, too_long="truncate"), tok, "sft", 0)[2]
+    assert again.sources == report.sources and again.dropped == report.dropped
 
 
 def test_sft_drop_is_the_default_and_error_names_the_row(tmp_path, tok):
