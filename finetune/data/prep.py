@@ -10,7 +10,8 @@ Python objects, so memory stays bounded by a batch per process:
     finetune/data/convert.py's converters: the same functions as before, so the same ids, masks and errors;
  3. errors, in the order the in-memory path raised them: an unreadable source or invalid JSON first
     (files used to be read whole before any row was checked), then bad rows in row order: the first
-    is an error, or every one is dropped and reported (data.bad_rows);
+    is an error, or every one is dropped and reported (data.bad_rows; too-long rows: data.too_long);
+    then per source the rows dropped and changed, by reason (rows.Report.tally);
  4. eval_split (the same seeded permutation as before), save_to_disk; finetune/data/cache.py publishes.
 The datasets returned are memory-mapped from the cache entry, after a cold build as on a hit.
 
