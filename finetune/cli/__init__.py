@@ -1,6 +1,7 @@
-"""The `finetune` command: validate, plan, sft, dpo, export, eval, routing.
+"""The `finetune` command: validate, data, plan, sft, dpo, export, eval, routing.
 
     finetune validate recipes/tiny-moe/sft.yaml
+    finetune data recipes/tiny-moe/sft.yaml --show 3
     finetune plan recipes/mixtral-8x7b/sft.yaml --gpu h100-80gb --gpus 8
     finetune sft recipes/tiny-moe/sft.yaml
     finetune dpo recipes/tiny-moe/dpo.yaml
@@ -115,6 +116,15 @@ def dispatch(args) -> int:
         if checked.trainable:
             per_group = ", ".join(f"{k} {v:,}" for k, v in checked.trainable.items())
             print(f"trainable parameters: {sum(checked.trainable.values()):,} ({per_group})")
+        return 0
+    if args.command == "data":
+        from finetune.data.preview import colour_wanted, preview  # datasets/matplotlib load only for this command
+        from finetune.validate.resolve import resolved_recipe  # (as above)
+
+        output = args.output or str(Path("data-reports") / f"{Path(args.recipe).resolve().parent.name}-{Path(args.recipe).stem}")
+        check_output_path(output, "--output", directory=True)
+        checked, recipe = resolved_recipe(read_recipe(args.recipe, args.overrides), args.stage)
+        print("\n".join(preview(recipe, checked.stage, max(args.show, 0), Path(output), colour_wanted(sys.stdout))))
         return 0
     if args.command == "plan":
         from finetune.plan.render import (  # torch loads only for the command that needs it

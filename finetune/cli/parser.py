@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--resume", action="store_true",
                        help="continue an interrupted run from its newest complete checkpoint (<parent>/.<name>.incomplete/)")
 
+    p = sub.add_parser("data", help="look at the data as training will: rows kept/dropped per source, lengths, marked samples")
+    _add_recipe_args(p)
+    p.add_argument("--stage", choices=["sft", "dpo"], help="prepare the data as this stage does (default: the recipe's)")
+    p.add_argument("--show", type=int, default=3, metavar="N", help="render N rows with their trained tokens marked (default 3)")
+    p.add_argument("--output", help="folder for the length histogram PNG (default data-reports/<recipe folder>-<recipe name>)")
+
     p = sub.add_parser("plan", help="will a recipe fit: memory per GPU and strategy, micro-batch, launch config, time (no weights)")
     _add_recipe_args(p)
     p.add_argument("--gpu", help="GPU model (h100-80gb, h200, a100-40gb, a100-80gb, l40s, rtx4090, ...; default h100-80gb)")

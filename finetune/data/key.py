@@ -33,7 +33,7 @@ def key_parts(section: DataSection, tokenizer, kind: str, seed: int) -> dict:
         "seed": seed if (not section.eval and section.eval_split > 0) or _mixed(section) else None,
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "code": code_hash(),
-        "versions": {p: metadata.version(p) for p in ("datasets", "pyarrow", "tokenizers", "transformers", "jinja2")}
+        "versions": {p: metadata.version(p) for p in ("datasets", "pyarrow", "tokenizers", "transformers", "jinja2", "trl")}
         | {"finetune": finetune.__version__},
     }
 

@@ -10,7 +10,8 @@ Python objects, so memory stays bounded by a batch per process:
     finetune/data/convert.py's converters: the same functions as before, so the same ids, masks and errors;
  3. errors, in the order the in-memory path raised them: an unreadable source or invalid JSON first
     (files used to be read whole before any row was checked), then bad rows in row order: the first
-    is an error, or every one is dropped and reported (data.bad_rows);
+    is an error, or every one is dropped and reported (data.bad_rows; too-long rows: data.too_long);
+    then per source the rows dropped and changed, by reason (rows.Report.tally);
  4. eval_split (the same seeded permutation as before), save_to_disk; finetune/data/cache.py publishes.
 The datasets returned are memory-mapped from the cache entry, after a cold build as on a hit.
 """
@@ -29,7 +30,7 @@ from finetune import distributed
 from finetune.data import cache, files, formats, mixture, sources
 from finetune.data.convert import CONVERTERS, convert_row
 from finetune.data.key import key_parts
-from finetune.data.rows import Report, RowError
+from finetune.data.rows import MALFORMED, NOTES, TOO_LONG, Report, RowError
 from finetune.errors import Problem, UserError
 from finetune.recipe import DataSection
 
@@ -40,7 +41,9 @@ ROW, HARD, READ = 0, 1, 2
 an unreadable source or a line that is not JSON (always raised, before any row check)."""
 
 RAW = Features({"source": Value("int32"), "number": Value("int64"), "text": Value("string"), "error": Value("string")})
-_KEEP = {"source": Value("int32"), "number": Value("int64"), "error": Value("string"), "error_kind": Value("int8"), "system": Value("string")}
+_KEEP = {"source": Value("int32"), "number": Value("int64"), "error": Value("string"), "error_kind": Value("int8"),
+         "reason": Value("string"), "notes": List(Value("string")),  # why dropped, why changed (rows.py reasons)
+         "system": Value("string")}  # what data.system did to the row's system turn
 MESSAGES = List({"role": Value("string"), "content": Value("string")})
 PAIR = ("prompt", "chosen", "rejected")
 
@@ -73,11 +76,8 @@ def build_datasets(section: DataSection, tokenizer, kind: str, seed: int, num_pr
     eval_ds = load_from_disk(str(entry / "eval")) if (entry / "eval").is_dir() else None
     report = Report(rows=manifest["report"]["rows"], dropped=[Problem(*p) for p in manifest["report"]["dropped"]],
                     sources=manifest["report"].get("sources", []),
-                   system=manifest["report"].get("system", {}))  # what data.system did to the rows' system turns
-    for s in report.sources:  # what each source gave (finetune/data/mixture.py), on a hit as after a build
-        log.info("%s %s (%s): %d of %d usable rows used", s["where"], s["source"], s["format"], s["used"], s["usable"])
-    if report.dropped:
-        log.warning("dropped %d bad row(s) (data.bad_rows: drop); first: %s", len(report.dropped), report.dropped[0])
+                    system=manifest["report"].get("system", {}))  # what data.system did to the rows' system turns
+    report.log(log)  # what each source gave, dropped and changed, by reason: on a hit as after a build
     return train, eval_ds, report
 
 
@@ -156,6 +156,9 @@ def _prepare_split(name: str, entries: list, work: Path, key: str, section: Data
     # the usable rows, drawn per source as the mixture says (finetune/data/mixture.py)
     good, used = mixture.take(table["source"].to_numpy(), ok.to_numpy(), specs, seed, f"data.{name}", shapes)
     report.sources += [{"split": name, **u} for u in used]
+    bad = table.filter(pc.and_(pc.invert(ok), pc.equal(table["error_kind"], ROW))).select(["source", "reason"])
+    noted = table.filter(pc.and_(ok, pc.is_valid(table["notes"]))).select(["source", "notes"])
+    report.tally(f"data.{name}", *bad.to_pydict().values(), *noted.to_pydict().values())
     if good is not None:
         converted = converted.select(good, indices_cache_file_name=str(work / f"{name}-good.arrow"),
                                      new_fingerprint=f"{key}-{name}-good")
@@ -183,9 +186,12 @@ def _resolve_errors(errors: list[dict], sources: list[str], section: DataSection
             raise _user_error(e["error"])
         source = sources[e["source"]]
         problem = Problem(f"{source}:{e['number']}", e["error"])
-        if section.bad_rows == "error":
+        if e["reason"] == TOO_LONG and section.too_long == "error":
+            raise UserError([problem], title=f"row longer than data.max_length in {source} (set data.too_long: drop or "
+                            "truncate, or raise data.max_length)")
+        if e["reason"] == MALFORMED and section.bad_rows == "error":
             raise UserError([problem], title=f"bad row in {source} (fix it, or set data.bad_rows: drop to skip bad rows)")
-        report.dropped.append(problem)
+        report.dropped.append(problem)  # the other reasons are what data.too_long: drop or truncate asked for
 
 
 def _as_payload(exc: UserError) -> str:
@@ -208,7 +214,7 @@ def _read(entries: list, path: Path, name: str) -> tuple[Dataset, dict[int, list
 def _convert_batch(batch: dict, convert, kind: str, columns: list[str], sources: list[str], shapes: list) -> dict:
     """Step 2, on a batch of rows in a map worker: parse, check, tokenize; errors become columns."""
     n = len(batch["text"])
-    out = {"error": [None] * n, "error_kind": [None] * n, "system": [None] * n}
+    out = {"error": [None] * n, "error_kind": [None] * n, "reason": [None] * n, "notes": [None] * n, "system": [None] * n}
     for c in columns:
         out[c] = [None] * n
     for j, (source, number, text, read_error) in enumerate(zip(batch["source"], batch["number"], batch["text"], batch["error"])):
@@ -223,12 +229,13 @@ def _convert_batch(batch: dict, convert, kind: str, columns: list[str], sources:
         try:
             row = convert_row(convert, formats.to_shape(value, *shapes[source], kind))  # the source's format first
         except RowError as exc:
-            out["error"][j], out["error_kind"][j] = str(exc), ROW
+            out["error"][j], out["error_kind"][j], out["reason"][j] = str(exc), ROW, exc.reason
             continue
         except UserError as exc:
             out["error"][j], out["error_kind"][j] = _as_payload(exc), HARD
             continue
         out["system"][j] = row.get("system")
+        out["notes"][j] = row.get(NOTES)
         if kind == "sft":
             for c in columns:
                 out[c][j] = row[c]

@@ -7,6 +7,7 @@ other part types are bad rows, named by type. The caller adds where (file and ro
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 from finetune.errors import Problem
@@ -14,8 +15,23 @@ from finetune.errors import Problem
 ROLES = {"system", "user", "assistant"}
 
 
+# Why a row was dropped, or changed and kept: counted per source (Report.count), logged, written to
+# <run>/data_report.json and printed by `finetune data`. A new reason is just a new string.
+MALFORMED = "malformed"                # a bad row (data.bad_rows)
+TOO_LONG = "too long"                  # longer than data.max_length (data.too_long: error or drop)
+PROMPT_TOO_LONG = "prompt fills max_length"  # DPO, data.too_long: truncate: TRL would drop it (no completion token left)
+NO_TRAINED_TOKEN = "no trained token left"   # SFT, data.too_long: truncate: the cut left no assistant token
+TRUNCATED = "truncated"                # kept, cut to data.max_length (SFT here; DPO by TRL's collator)
+NOTES = "notes"
+"""A converter's output key (optional): the reasons a kept row was changed (TRUNCATED, ...), counted per source."""
+
+
 class RowError(Exception):
-    """One row does not fit; the message says what, the caller adds where."""
+    """One row does not fit; the message says what, the caller adds where; `reason` is counted per source."""
+
+    def __init__(self, message: str, reason: str = MALFORMED):
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass
@@ -23,13 +39,39 @@ class Report:
     rows: int = 0
     dropped: list[Problem] = field(default_factory=list)
     sources: list[dict] = field(default_factory=list)
-    """Per source: where, format, usable rows, rows used (finetune/data/prep.py; <run>/data_report.json `sources`)."""
+    """Per source: where, format, usable rows, rows used (finetune/data/mixture.py), and the rows dropped
+    and changed by reason ({"dropped": {reason: n}, "changed": {reason: n}}, Report.count); written as
+    <run>/data_report.json `sources`."""
     system: dict[str, int] = field(default_factory=dict)
     """Rows whose system turn was kept, folded or dropped (data.system), by that word."""
 
     def count_system(self, actions: list[str | None]) -> None:
         for action in filter(None, actions):
             self.system[action] = self.system.get(action, 0) + 1
+
+    def count(self, where: str, group: str, reason: str, n: int = 1) -> None:
+        """Add n rows of source `where` (e.g. data.train[0]) to `group` ("dropped" or "changed") under `reason`."""
+        if n:
+            record = next(s for s in self.sources if s["where"] == where)
+            counts = record.setdefault(group, {})
+            counts[reason] = counts.get(reason, 0) + n
+
+    def tally(self, where: str, dropped: list[int], reasons: list[str], changed: list[int], notes: list[list[str]]):
+        """Count a split's rows by source index and reason: dropped rows (one reason each), changed rows (their notes)."""
+        for (source, reason), n in Counter(zip(dropped, reasons)).items():
+            self.count(f"{where}[{source}]", "dropped", reason, n)
+        for (source, reason), n in Counter((s, r) for s, rs in zip(changed, notes) for r in rs).items():
+            self.count(f"{where}[{source}]", "changed", reason, n)
+
+    def log(self, log) -> None:
+        """One line per source (what it gave, what was dropped or changed, by reason), then the first dropped row."""
+        for s in self.sources:
+            extra = "".join(f"; {group}: " + ", ".join(f"{n} {reason}" for reason, n in s[group].items())
+                            for group in ("dropped", "changed") if s.get(group))
+            log.info("%s %s (%s): %d of %d usable rows used%s", s["where"], s["source"], s["format"], s["used"],
+                     s["usable"], extra)
+        if self.dropped:
+            log.warning("dropped %d row(s) (data.bad_rows, data.too_long); first: %s", len(self.dropped), self.dropped[0])
 
 
 def message_text(content, what: str) -> str:

@@ -78,7 +78,12 @@ class DataSection:
     eval_split: float = 0.0
     """Fraction of the training rows held out for evaluation when `eval` is empty."""
     max_length: int = 1024
-    """Longest row in tokens; longer rows are an error (or dropped, see bad_rows)."""
+    """Longest row in tokens (SFT: the whole conversation; DPO: prompt + chosen, prompt + rejected); see too_long."""
+    too_long: str = "drop"
+    """A row longer than max_length: drop (the default: skipped and counted per source; every trained answer
+    keeps its end token), truncate (keep its first max_length tokens: SFT cuts the answer at the limit, so the
+    model sees no end of it; DPO truncates as TRL does and drops rows whose prompt alone fills max_length;
+    rows left with nothing to train on are dropped and counted) or error (stop, naming file and row)."""
     bad_rows: str = "error"
     """error: stop at the first bad row, naming file and row; drop: skip bad rows and report the count."""
     assistant_only_loss: bool = True

@@ -111,6 +111,7 @@ CHOICES = {
     "model.quantization": ["none", "nf4"],
     "data.bad_rows": ["error", "drop"],
     "data.system": ["auto", "keep", "fold", "drop"],
+    "data.too_long": ["error", "drop", "truncate"],
     "lora.expert_path": ["fast", "peft"],
     "router.policy": ["freeze", "train", "lora"],
     "early_stopping.mode": ["auto", "min", "max"],

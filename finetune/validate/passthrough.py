@@ -30,6 +30,8 @@ from finetune.train.args import STAGE_DEFAULTS, trainer_args
 OWNED_KEYS = {
     "output_dir": "output_dir",
     "max_length": "data.max_length",
+    # data.too_long: truncate counts the rows TRL's keep_start would drop (finetune/data/convert.py)
+    "truncation_mode": "data.too_long",
     "assistant_only_loss": "data.assistant_only_loss",
     "router_aux_loss_coef": "router.aux_loss_coef",
     "seed": "seed",
