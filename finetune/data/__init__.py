@@ -1,6 +1,7 @@
 """Data: from the files and hub data sets a recipe names to the rows each trainer takes.
 
-    files.py    read a source's rows (local JSONL/JSON/Parquet/CSV, folders, hub data sets), streamed; fingerprints
+    files.py    read a source's rows (local JSONL/JSON/Parquet/CSV, folders, hub data sets), streamed
+    hashing.py  what identifies a source's content: file hashes (remembered under their stat), hub fingerprints
     sources.py  a data.train/data.eval entry (string or mapping) -> its rows, format, fingerprint
     formats.py  ShareGPT, Alpaca, messages, prompt/completion, preference rows -> the converters' shape
     mixture.py  per-source weight / samples: which rows of each source, seeded

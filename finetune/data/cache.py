@@ -38,14 +38,14 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from finetune.data.files import hash_file, stat_key
+from finetune.data.hashing import hash_file, stat_key
 from finetune.errors import UserError
 
 log = logging.getLogger("finetune")
 
 MANIFEST = "manifest.json"
 HASHES = ".source-hashes"
-"""Under the root: each local source file's hash remembered under its stat (files.hash_file_memo)."""
+"""Under the root: each local source file's hash remembered under its stat (hashing.hash_file_memo)."""
 # Bumped when an entry's layout changes; the code that shapes rows is keyed by its own hash.
 LAYOUT = 1
 

@@ -3,8 +3,8 @@
 
 Unreadable files are user errors naming the file (and the line and byte offset of a bad UTF-8
 byte); finetune/data/rows.py checks and shapes the rows. `iter_source` streams a source's rows as
-JSON text for the datasets-based preparation (finetune/data/prep.py), `fingerprint` identifies
-its content for the data cache, `read_rows` reads a small file whole (evaluation, routing), and
+JSON text for the datasets-based preparation (finetune/data/prep.py) (finetune/data/hashing.py
+identifies its content for the data cache), `read_rows` reads a small file whole (evaluation, routing), and
 `count_rows` counts a local file's rows cheaply for `finetune validate`. finetune/data/sources.py
 reads a recipe's source entries (mappings with config, split, data_files) through these functions.
 
@@ -15,11 +15,8 @@ reads a recipe's source entries (mappings with config, split, data_files) throug
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
-import os
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -257,70 +254,3 @@ def iter_table(table, progress) -> Iterator[tuple[int, str]]:
             yield number, json.dumps(dict(zip(columns, values)), default=str)
         if progress is not None:
             progress(len(batch[columns[0]]) if columns else 0)
-
-
-def fingerprint(source: str, config: str | None = None, data_files=None, split: str | None = None,
-                memo: Path | None = None) -> dict:
-    """What identifies a source's content for the data cache (finetune/data/cache.py): a local
-    file's xxh3-128 (about 9 GB/s here, so a cache hit stays fast; the cache key is no security
-    boundary), or a hub data set's datasets fingerprint. A source that cannot be read gets a key
-    too: preparing it then raises the error that names it. `memo`: a folder remembering each
-    file's hash under its stat (hash_file_memo)."""
-    path = Path(source)
-    if path.is_dir():  # every file of the folder, by relative path
-        return {"source": source, "files": {str(p.relative_to(path)): hash_file_memo(p, memo) if memo else hash_file(p)
-                                            for p in sorted(path.rglob("*")) if p.is_file()}}
-    if path.suffix in LOCAL_SUFFIXES:
-        if not path.is_file():
-            return {"source": source, "missing": True}
-        return {"source": source, "xxh3_128": hash_file_memo(path, memo) if memo else hash_file(path)}
-    try:
-        return {"source": source, "datasets_fingerprint": load_hub(source, config, data_files, split)._fingerprint}
-    except UserError as exc:
-        return {"source": source, "unavailable": str(exc)}
-
-
-def stat_key(path: Path) -> list[int]:
-    """Size, modification time (ns) and inode: what changes when a file is rewritten, truncated or
-    replaced. git's index trusts the same fields to skip rehashing an unchanged file."""
-    st = path.stat()
-    return [st.st_size, st.st_mtime_ns, st.st_ino]
-
-
-def hash_file_memo(path: Path, memo: Path) -> str:
-    """hash_file, remembered under the file's stat_key in `memo` (one small JSON per file path), so
-    a second run of a job does not read its whole data file again before it can use the cache
-    (measured: hashing was most of a cache hit's time). A memo that cannot be read or written is
-    ignored: the hash is computed."""
-    path = path.resolve()
-    record = memo / (hashlib.sha256(str(path).encode()).hexdigest()[:32] + ".json")
-    stat = stat_key(path)
-    try:
-        known = json.loads(record.read_text())
-        if known["path"] == str(path) and known["stat"] == stat:
-            return known["xxh3_128"]
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    digest = hash_file(path)
-    if time.time_ns() - stat[1] < 2_000_000_000:
-        # written in the last seconds: a write in the same clock tick would keep this stat (git's
-        # "racy" case), so such a file is hashed again next time rather than trusted
-        return digest
-    try:
-        memo.mkdir(parents=True, exist_ok=True)
-        tmp = record.with_name(f".{record.name}.{os.getpid()}")
-        tmp.write_text(json.dumps({"path": str(path), "stat": stat, "xxh3_128": digest}))
-        os.replace(tmp, record)  # readers see the old record or the new one, never half of one
-    except OSError:
-        pass
-    return digest
-
-
-def hash_file(path: Path) -> str:
-    import xxhash  # a dependency of datasets
-
-    h = xxhash.xxh3_128()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()

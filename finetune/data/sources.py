@@ -16,7 +16,7 @@ import json
 import logging
 from pathlib import Path
 
-from finetune.data import files, formats
+from finetune.data import files, formats, hashing
 from finetune.data.rows import RowError
 from finetune.errors import Problem, UserError
 from finetune.recipe import DataSource
@@ -63,10 +63,10 @@ def count_rows(entry) -> int | None:
 
 
 def fingerprint(entry, memo=None) -> dict:
-    """The source's content (files.fingerprint; `memo`: where file hashes are remembered) and how it
+    """The source's content (hashing.fingerprint; `memo`: where file hashes are remembered) and how it
     is read: format, mapping, mixture."""
     s = spec(entry)
-    content = files.fingerprint(_where(s), **_read_kwargs(s), memo=memo)
+    content = hashing.fingerprint(_where(s), **_read_kwargs(s), memo=memo)
     return {**content, "entry": dataclasses.asdict(s)} if isinstance(entry, DataSource) else content
 
 

@@ -23,7 +23,7 @@ from transformers.utils import chat_template_utils
 
 import finetune
 from finetune.data import cache as datacache
-from finetune.data import files
+from finetune.data import hashing
 from finetune.data import key as datakey
 from finetune.data.convert import CONVERTERS, convert_row
 from finetune.data.files import read_rows
@@ -236,13 +236,13 @@ def test_a_hit_hashes_only_files_whose_stat_changed(tmp_path, tokenizer, monkeyp
     section = DataSection(train=[str(path)], max_length=64)
     first = build_datasets(section, tokenizer, "sft", 0)[0].to_list()
     hashed = []
-    real = files.hash_file
+    real = hashing.hash_file
 
     def counting(p):
         hashed.append(Path(p).name)
         return real(p)
 
-    monkeypatch.setattr(files, "hash_file", counting)
+    monkeypatch.setattr(hashing, "hash_file", counting)
     monkeypatch.setattr(datacache, "hash_file", counting)
     assert build_datasets(section, tokenizer, "sft", 0)[0].to_list() == first and hashed == []
     entry = datacache.root() / datacache.key(key_parts(section, tokenizer, "sft", 0))
