@@ -281,3 +281,40 @@ def test_fsdp2_router_policies_equal_single_process(tmp_path, tiny_mixtral, sft_
     else:
         assert all(saved[k].abs().max() > 0 for k in router_keys if "lora_B" in k)
     assert max_rel_diff(single, tmp_path / "sft-run") < RTOL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sharding", ["fsdp2", "zero3"])
+def test_sample_answers_under_sharding_do_not_hang(tmp_path, tiny_mixtral, sft_file, sharding):
+    """Sample answers need every rank in each generation step (each forward gathers the sharded
+    weights with a collective): both ranks generate in lockstep, rank 0 writes samples.jsonl.
+    The answers equal those of one process given the same weights: the saved adapter's, at the last step."""
+    if sharding == "zero3" and importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("the deepspeed extra is not installed")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("hello", "say two words")))
+    recipe = two_rank_sft_recipe(tmp_path, tiny_mixtral, sft_file)
+    raw = yaml.safe_load(recipe.read_text())
+    recipe.write_text(yaml.safe_dump({**raw, "samples": {"every": 1, "prompts": str(prompts), "max_new_tokens": 5}}))
+    config = "fsdp2" if sharding == "fsdp2" else zero3_test_config(tmp_path)
+    proc = ok(launch(tmp_path, config, "sft", str(recipe), shim=True))
+    sharded_checks(output(proc), "sft")
+    out = tmp_path / "sft-run"
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["prompt"]) for r in rows] == [(1, "hello"), (1, "say two words"), (2, "hello"), (2, "say two words")]
+    assert all(isinstance(r["answer"], str) and r["answer"] for r in rows)
+    assert greedy_answers(out, tiny_mixtral, ["hello", "say two words"], 5) == [r["answer"] for r in rows if r["step"] == 2]
+
+
+def greedy_answers(run: Path, base: Path, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy answers of base + the run's adapter in this process, as SamplesCallback asks for them."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune.train.samples import SamplesCallback
+
+    tokenizer = AutoTokenizer.from_pretrained(run)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), run)
+    callback = SamplesCallback([[{"role": "user", "content": p}] for p in prompts], tokenizer, 1, max_new_tokens,
+                               run, None)
+    return callback.generate(model, synced=False)
