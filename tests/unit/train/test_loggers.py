@@ -144,10 +144,15 @@ def trackio_rows(run: Path, name: str) -> list[dict]:
 
 def test_trackio_scalars_read_back(logged_run):
     pytest.importorskip("trackio", reason="finetune[trackio] not installed")
-    rows = [r for r in trackio_rows(logged_run, "run") if "train/loss" in r]
+    stored = trackio_rows(logged_run, "run")
+    rows = [r for r in stored if "train/loss" in r]
     for key in KEYS:
         logged = {r["train/global_step"]: r[f"train/{key}"] for r in rows if f"train/{key}" in r}
         assert logged == pytest.approx(history(logged_run, key), rel=1e-6), key
+    tables = [r["samples"] for r in stored if "samples" in r]
+    answers = [json.loads(line) for line in (logged_run / "samples.jsonl").read_text().splitlines()]
+    assert [t["_type"] for t in tables] == ["trackio.table"] * 2
+    assert [t["_value"] for t in tables] == [[{"step": r["step"], "prompt": "hello there", "answer": r["answer"]}] for r in answers]
 
 
 class InterruptAfterLog(TrainerCallback):
