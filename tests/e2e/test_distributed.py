@@ -92,6 +92,10 @@ def test_cpu_ddp_config_starts_two_ranks(tmp_path, tiny_mixtral, sft_file):
     assert "rank 0/2: peak host RSS" in proc.stderr and "rank 1/2: peak host RSS" in proc.stderr
     assert proc.stdout.count("SFT finished") == 1  # only the main process writes and reports
     assert proc.stderr.count("trainable parameters by group") == 1 and proc.stderr.count("step 2/2  loss") == 1
+    assert proc.stderr.count("router frozen with router.aux_loss_coef") == 1  # a warning the same on each rank
+    assert "[rank 1]" not in proc.stderr and "[rank 0]" not in proc.stderr  # no error, no per-rank warning here
+    deprecations = [line for line in proc.stderr.splitlines() if "FutureWarning" in line]  # the libraries', once
+    assert len(deprecations) == len(set(deprecations)), deprecations
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert [(r["step"], r["prompt"]) for r in rows] == [(1, "hello"), (1, "say two words"), (2, "hello"), (2, "say two words")]
     assert trained(out)

@@ -85,11 +85,22 @@ def test_console_line_is_compact():
     assert console.eval_line(10, 120, {"eval_loss": 2.5, "eval_runtime": 3.0}) == "eval at step 10/120: loss 2.5"
 
 
-def test_warnings_say_their_rank_and_info_is_rank_zero_only(monkeypatch):
-    record = logging.LogRecord("finetune", logging.WARNING, __file__, 1, "dropped %d rows", (3,), None)
-    assert cli._RankFormatter(1).format(record).startswith("[rank 1] ")
-    record.levelno = logging.INFO
-    assert not cli._RankFormatter(1).format(record).startswith("[rank")
+def test_rank_zero_prints_what_every_rank_would_and_per_rank_lines_say_their_rank():
+    """Under several processes a message the same on every rank (dropped rows, the router warning,
+    a library's deprecation) is printed by rank 0 only; errors and per-rank messages by every rank."""
+    def record(level, per_rank=False):
+        r = logging.LogRecord("finetune", level, __file__, 1, "dropped %d rows", (3,), None)
+        if per_rank:
+            r.per_rank = True
+        return r
+
+    assert not cli._every_rank(record(logging.WARNING)) and not cli._every_rank(record(logging.INFO))
+    assert cli._every_rank(record(logging.ERROR)) and cli._every_rank(record(logging.WARNING, per_rank=True))
+    assert cli._every_rank(record(logging.INFO, per_rank=True))
+    assert cli._RankFormatter(1).format(record(logging.WARNING, per_rank=True)).startswith("[rank 1] ")
+    assert cli._RankFormatter(1).format(record(logging.ERROR)).startswith("[rank 1] ")
+    assert not cli._RankFormatter(0).format(record(logging.WARNING)).startswith("[rank")  # rank 0's alone: no prefix
+    assert not cli._RankFormatter(1).format(record(logging.INFO, per_rank=True)).startswith("[rank")  # says it in its text
 
 
 def _uses(source: str, dest: str) -> bool:
