@@ -4,12 +4,9 @@ data/tiny-tasks): what samples.jsonl holds, which adapter the run keeps, what th
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import torch
-from conftest import REPO, recipe_file, sft_recipe
+from conftest import REPO
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
@@ -57,16 +54,3 @@ def test_samples_and_early_stopping_on_the_bundled_default(tmp_path, monkeypatch
     assert all(isinstance(r["answer"], str) for r in rows)
     assert not (out / "checkpoints").exists()
 
-
-def test_quiet_training_prints_the_summary_only(tmp_path, tiny_mixtral, sft_file):
-    """`finetune -q sft`: no step lines, no raw metric dicts, no progress bars; the summary stays.
-    (A real process: in pytest the logging level is pytest's, so -q could not show its effect.)"""
-    recipe = recipe_file(tmp_path, **sft_recipe(tmp_path, tiny_mixtral, sft_file, sft={"max_steps": 2}))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "finetune", "-q", "sft", str(recipe)], capture_output=True, text=True,
-                          cwd=tmp_path, env=env, timeout=600, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "SFT finished" in proc.stdout and "final: loss" in proc.stdout
-    finetune_lines = [line for line in proc.stderr.splitlines() if " finetune: " in line]
-    assert not [line for line in finetune_lines if "step " in line or "eval at" in line], finetune_lines
-    assert "{'loss'" not in proc.stderr + proc.stdout and "it/s]" not in proc.stderr, proc.stderr[-3000:]
