@@ -1,9 +1,9 @@
 """Each logger's scalars read back from <run>/logs with the logger's own reader, offline; logs
 survive the finish and --resume continues them.
 
-tensorboard is in the `test` extra (CI reads it); wandb, mlflow and trackio skip unless their
-extras are installed (pip install -e '.[test,wandb,mlflow,trackio]'); trackio is read back with its
-own storage reader in a fresh process, which finds the store through TRACKIO_DIR as a user would.
+tensorboard and trackio are in the `test` extra (CI reads them); wandb and mlflow skip unless their
+extras are installed (pip install -e '.[test,wandb,mlflow]'). trackio is read back with its own
+storage reader in a fresh process, which finds the store through TRACKIO_DIR as a user would.
 """
 
 from __future__ import annotations
