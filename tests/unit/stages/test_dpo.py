@@ -128,13 +128,14 @@ class KeepBest(TrainerCallback):
         self.evals = [(e["step"], e["eval_loss"]) for e in state.log_history if "eval_loss" in e]
 
 
-def test_early_stopping_keeps_the_best_checkpoints_adapter(tmp_path, sft_run, pref_file, capsys):
+def test_early_stopping_keeps_the_best_checkpoints_adapter_and_samples_are_written(tmp_path, sft_run, pref_file, capsys):
     """A forced trigger: `mode: max` on eval_loss, which falls as DPO trains, so every evaluation
     after the first is worse; the run stops after one (patience 1) and keeps step 2's adapter."""
     path = dpo_recipe(tmp_path, sft_run, pref_file, max_steps=8, save_steps=2)
     raw = yaml.safe_load(path.read_text())
     raw["data"]["eval"] = [str(pref_file)]
-    path.write_text(yaml.safe_dump({**raw, "early_stopping": {"metric": "eval_loss", "patience": 1, "mode": "max"}}))
+    path.write_text(yaml.safe_dump({**raw, "early_stopping": {"metric": "eval_loss", "patience": 1, "mode": "max"},
+                                    "samples": {"every": 2, "prompts": 1, "max_new_tokens": 3}}))
     keep = KeepBest()
     out = run_dpo(read_recipe(path), callbacks=[keep])
     (step2, loss2), (step4, loss4) = keep.evals
@@ -147,3 +148,7 @@ def test_early_stopping_keeps_the_best_checkpoints_adapter(tmp_path, sft_run, pr
     assert saved.keys() == keep.tensors.keys() and all(torch.equal(saved[k], keep.tensors[k]) for k in saved)
     assert any(not torch.equal(saved[k], keep.last[k]) for k in saved)  # the last step's adapter differs
     assert "early stopping: stopped early at step 4; adapter from the best checkpoint, step 2" in capsys.readouterr().out
+    # sample answers in DPO: the first eval pair's prompt (its `prompt` turns), at each step they were due
+    first = json.loads(pref_file.read_text().splitlines()[0])["prompt"][-1]["content"]
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["prompt"]) for r in rows] == [(2, first), (4, first)] and all(isinstance(r["answer"], str) for r in rows)
