@@ -322,3 +322,20 @@ def greedy_answers(run: Path, base: Path, prompts: list[str], max_new_tokens: in
     callback = SamplesCallback([[{"role": "user", "content": p}] for p in prompts], tokenizer, 1, max_new_tokens,
                                run, None)
     return callback.generate(model, synced=False)
+
+
+@pytest.mark.slow
+def test_fsdp2_early_stopping_keeps_the_best_checkpoints_adapter(tmp_path, tiny_mixtral, sft_file):
+    """Under FSDP2 the Trainer reloads the best checkpoint's sharded model at the end and the run's
+    adapter is gathered from it: equal, byte for byte, to a run that stopped at that step."""
+    stop = {"early_stopping": {"metric": "eval_loss", "patience": 1, "mode": "max"}}  # a falling loss worsens it
+    raw = sft_recipe(tmp_path, tiny_mixtral, sft_file, output_dir=str(tmp_path / "stop"),
+                     sft={"max_steps": 8, "save_steps": 2, "per_device_train_batch_size": 2}, **stop)
+    raw["data"]["eval"] = [str(sft_file)]
+    first = recipe_file(tmp_path, "stop.yaml", **raw)
+    log = output(ok(launch(tmp_path, "fsdp2", "sft", str(first), shim=True)))
+    assert "early stopping: stopped early at step 4; adapter from the best checkpoint, step 2" in log, log[-3000:]
+    second = recipe_file(tmp_path, "two.yaml", **sft_recipe(
+        tmp_path, tiny_mixtral, sft_file, output_dir=str(tmp_path / "two"), sft={"max_steps": 2, "per_device_train_batch_size": 2}))
+    ok(launch(tmp_path, "fsdp2", "sft", str(second), shim=True))
+    assert (tmp_path / "stop" / "adapter_model.safetensors").read_bytes() == (tmp_path / "two" / "adapter_model.safetensors").read_bytes()
