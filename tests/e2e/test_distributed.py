@@ -299,15 +299,16 @@ def test_sample_answers_under_sharding_do_not_hang(tmp_path, tiny_mixtral, sft_f
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("hello", "say two words")))
     recipe = two_rank_sft_recipe(tmp_path, tiny_mixtral, sft_file)
     raw = yaml.safe_load(recipe.read_text())
-    recipe.write_text(yaml.safe_dump({**raw, "samples": {"every": 1, "prompts": str(prompts), "max_new_tokens": 5}}))
+    # one round, at the last step (every generated token is a forward that gathers every weight: slow on CPU)
+    recipe.write_text(yaml.safe_dump({**raw, "samples": {"every": 2, "prompts": str(prompts), "max_new_tokens": 3}}))
     config = "fsdp2" if sharding == "fsdp2" else zero3_test_config(tmp_path)
     proc = ok(launch(tmp_path, config, "sft", str(recipe), shim=True))
     sharded_checks(output(proc), "sft")
     out = tmp_path / "sft-run"
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    assert [(r["step"], r["prompt"]) for r in rows] == [(1, "hello"), (1, "say two words"), (2, "hello"), (2, "say two words")]
+    assert [(r["step"], r["prompt"]) for r in rows] == [(2, "hello"), (2, "say two words")]
     assert all(isinstance(r["answer"], str) and r["answer"] for r in rows)
-    assert greedy_answers(out, tiny_mixtral, ["hello", "say two words"], 5) == [r["answer"] for r in rows if r["step"] == 2]
+    assert greedy_answers(out, tiny_mixtral, ["hello", "say two words"], 3) == [r["answer"] for r in rows]
 
 
 def greedy_answers(run: Path, base: Path, prompts: list[str], max_new_tokens: int) -> list[str]:
