@@ -326,17 +326,21 @@ def greedy_answers(run: Path, base: Path, prompts: list[str], max_new_tokens: in
 
 
 @pytest.mark.slow
-def test_fsdp2_early_stopping_keeps_the_best_checkpoints_adapter(tmp_path, tiny_mixtral, sft_file):
-    """Under FSDP2 the Trainer reloads the best checkpoint's sharded model at the end and the run's
-    adapter is gathered from it: equal, byte for byte, to a run that stopped at that step."""
+@pytest.mark.parametrize("sharding", ["fsdp2", "zero3"])
+def test_sharded_early_stopping_keeps_the_best_checkpoints_adapter(tmp_path, tiny_mixtral, sft_file, sharding):
+    """Under FSDP2 and ZeRO-3 the Trainer reloads the best checkpoint's sharded model at the end and
+    the run's adapter is gathered from it: equal, byte for byte, to a run that stopped at that step."""
+    if sharding == "zero3" and importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("the deepspeed extra is not installed")
+    config = "fsdp2" if sharding == "fsdp2" else zero3_test_config(tmp_path)
     stop = {"early_stopping": {"metric": "eval_loss", "patience": 1, "mode": "max"}}  # a falling loss worsens it
     raw = sft_recipe(tmp_path, tiny_mixtral, sft_file, output_dir=str(tmp_path / "stop"),
                      sft={"max_steps": 8, "save_steps": 2, "per_device_train_batch_size": 2}, **stop)
     raw["data"]["eval"] = [str(sft_file)]
     first = recipe_file(tmp_path, "stop.yaml", **raw)
-    log = output(ok(launch(tmp_path, "fsdp2", "sft", str(first), shim=True)))
+    log = output(ok(launch(tmp_path, config, "sft", str(first), shim=True)))
     assert "early stopping: stopped early at step 4; adapter from the best checkpoint, step 2" in log, log[-3000:]
     second = recipe_file(tmp_path, "two.yaml", **sft_recipe(
         tmp_path, tiny_mixtral, sft_file, output_dir=str(tmp_path / "two"), sft={"max_steps": 2, "per_device_train_batch_size": 2}))
-    ok(launch(tmp_path, "fsdp2", "sft", str(second), shim=True))
+    ok(launch(tmp_path, config, "sft", str(second), shim=True))
     assert (tmp_path / "stop" / "adapter_model.safetensors").read_bytes() == (tmp_path / "two" / "adapter_model.safetensors").read_bytes()
