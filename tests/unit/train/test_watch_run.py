@@ -53,4 +53,3 @@ def test_samples_and_early_stopping_on_the_bundled_default(tmp_path, monkeypatch
     assert [(r["step"], r["prompt"]) for r in rows] == [(s, p[-1]["content"]) for s in (2, 4) for p in prompts]
     assert all(isinstance(r["answer"], str) for r in rows)
     assert not (out / "checkpoints").exists()
-
