@@ -33,8 +33,15 @@ from finetune.runs import signals
 EXIT_USER_ERROR = 2
 
 
+def _every_rank(record) -> bool:
+    """Printed by every rank: errors, and messages marked per-rank (distributed.PER_RANK) because
+    they can differ between ranks. Everything else is the same on every rank: rank 0 prints it."""
+    return record.levelno >= logging.ERROR or getattr(record, "per_rank", False)
+
+
 class _RankFormatter(logging.Formatter):
-    """Under several processes: warnings and errors (which can differ per rank) say which rank."""
+    """Under several processes: a warning or error that every rank prints says which rank it is from
+    (per-rank INFO lines say it in their text: `rank 1/2: ...`)."""
 
     def __init__(self, rank: int):
         super().__init__("%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -42,12 +49,7 @@ class _RankFormatter(logging.Formatter):
 
     def format(self, record):
         line = super().format(record)
-        return f"[rank {self.rank}] {line}" if record.levelno >= logging.WARNING else line
-
-
-def _rank_zero_or_per_rank(record) -> bool:
-    """On ranks other than 0: warnings, and INFO messages marked per-rank (distributed.PER_RANK)."""
-    return record.levelno >= logging.WARNING or getattr(record, "per_rank", False)
+        return f"[rank {self.rank}] {line}" if record.levelno >= logging.WARNING and _every_rank(record) else line
 
 
 def _configure_logging(quiet: bool) -> None:
@@ -57,10 +59,13 @@ def _configure_logging(quiet: bool) -> None:
     # printed once per rank (the same line 8 times on 8 GPUs); rank 0 prints them
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
+        # the libraries' Python warnings (deprecations, ...) are the same on every rank too: through
+        # logging, so that the filter below keeps them to rank 0
+        logging.captureWarnings(True)
         for handler in logging.getLogger().handlers:
             handler.setFormatter(_RankFormatter(rank))
             if rank != 0:
-                handler.addFilter(_rank_zero_or_per_rank)
+                handler.addFilter(_every_rank)
     if quiet or rank != 0:
         os.environ["TQDM_DISABLE"] = "1"  # tqdm reads TQDM_* defaults: no progress bars (eval, data, export)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -109,7 +109,8 @@ def lookup(key_: str) -> tuple[Path, dict] | None:
     reason = damage(entry, key_)
     if reason is None:
         return entry, json.loads((entry / MANIFEST).read_text())
-    log.warning("data cache entry %s is damaged: %s; preparing the data again", entry, reason)
+    # each rank checks the entry it reads: per rank (distributed.PER_RANK; not imported, it loads torch)
+    log.warning("data cache entry %s is damaged: %s; preparing the data again", entry, reason, extra={"per_rank": True})
     discard(entry)
     return None
 

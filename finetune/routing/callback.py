@@ -43,6 +43,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from finetune import distributed
 from finetune.routing.capture import RoutingCapture
 from finetune.routing.metrics import dead_experts, imbalance, load_share, masked_mean, token_kl, token_topk_overlap
 
@@ -134,7 +135,7 @@ class RoutingMetricsCallback(TrainerCallback):
         if baseline is not None and baseline.parent.is_dir():
             torch.save({"probe": self.probe, "start": self.start_routing}, baseline)
         if not bool(self.start_routing.mask.any()):
-            log.warning("routing drift off: the probe batch has no real tokens")
+            log.warning("routing drift off: the probe batch has no real tokens", extra=distributed.PER_RANK)  # each rank's own batch
             self.drift = False
 
     def on_log(self, args, state, control, logs=None, **kwargs):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import sys
 import uuid
 from pathlib import Path
 
@@ -101,8 +102,42 @@ def configure(trainer, staging: Path, resume_from: Path | None) -> None:
             handler.callbacks.insert(handler.callbacks.index(cb), _MlflowStore(logs, ours, run_id))
             handler.callbacks.insert(handler.callbacks.index(cb) + 1, _RecordMlflowRun(id_file))
         elif isinstance(cb, TrackioCallback):
-            # trackio keeps its database under TRACKIO_DIR (default: the Hugging Face cache)
-            os.environ.setdefault("TRACKIO_DIR", str(logs / "trackio"))
+            point_trackio(logs / "trackio")
+            if trainer.args.run_name is None:
+                # trackio names an unnamed run at random; --resume continues a run by its name
+                trainer.args.run_name = run_name(trainer.args)
+
+
+def run_name(args) -> str:
+    """The run directory's name (output_dir is <parent>/.<name>.incomplete/checkpoints while it trains)."""
+    return Path(args.output_dir).parent.name.lstrip(".").removesuffix(".incomplete")
+
+
+# TRACKIO_DIR values this module set, as _OUR_MLFLOW_URIS below: a second run in one process (the
+# pipeline's DPO after its SFT) must not take the first run's directory for the user's choice.
+_OUR_TRACKIO_DIRS: set[str] = set()
+
+
+def point_trackio(store: Path) -> None:
+    """trackio's database goes to `store`, unless the user set TRACKIO_DIR.
+
+    trackio reads TRACKIO_DIR once, when it is imported (the Trainer's TrackioCallback imported it
+    already), and several of its modules keep their own copy of that directory and of the media
+    and artifact directories under it; it has no per-run setting. So the environment variable is
+    set for later imports, and each loaded trackio module's copies are moved under `store`."""
+    user = os.environ.get("TRACKIO_DIR")
+    if user and user not in _OUR_TRACKIO_DIRS:
+        return
+    import trackio.utils  # optional extra finetune[trackio]; validate checked it is installed
+
+    os.environ["TRACKIO_DIR"] = str(store)
+    _OUR_TRACKIO_DIRS.add(str(store))
+    old = trackio.utils.TRACKIO_DIR
+    for name, module in list(sys.modules.items()):
+        if name == "trackio" or name.startswith("trackio."):
+            for attr, value in list(vars(module).items()):
+                if attr.isupper() and isinstance(value, Path) and value.is_relative_to(old):
+                    setattr(module, attr, store / value.relative_to(old))
 
 
 class _WandbRun(TrainerCallback):
@@ -122,7 +157,7 @@ class _WandbRun(TrainerCallback):
         id_file.write_text(run_id + "\n")
         if wandb.run is None:
             wandb.init(project=os.getenv("WANDB_PROJECT", "finetune"), dir=str(self.logs), id=run_id,
-                       resume="allow", name=Path(args.output_dir).parent.name.lstrip(".").removesuffix(".incomplete"))
+                       resume="allow", name=run_name(args))
 
 
 # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI; a second run in one process (the

@@ -110,10 +110,11 @@ class SamplesCallback(TrainerCallback):
         return answers
 
     def report(self, rows: list[dict], step: int) -> None:
-        """The answers as text in each logger that takes text (trackio has no text panel: file only)."""
+        """The answers as text in each logger: TensorBoard text, W&B and trackio tables, MLflow tags."""
         from transformers.integrations import (  # the reporters' classes; their libraries are loaded already
             MLflowCallback,
             TensorBoardCallback,
+            TrackioCallback,
             WandbCallback,
         )
 
@@ -125,6 +126,9 @@ class SamplesCallback(TrainerCallback):
             elif isinstance(cb, WandbCallback) and cb._wandb is not None and cb._wandb.run is not None:
                 table = cb._wandb.Table(columns=["step", "prompt", "answer"], data=[[r["step"], r["prompt"], r["answer"]] for r in rows])
                 cb._wandb.log({"samples": table, "train/global_step": step})
+            elif isinstance(cb, TrackioCallback) and cb._initialized:  # a run is open (rank 0 only gets here)
+                table = cb._trackio.Table(columns=["step", "prompt", "answer"], data=[[r["step"], r["prompt"], r["answer"]] for r in rows])
+                cb._trackio.log({"samples": table, "train/global_step": step})
             elif isinstance(cb, MLflowCallback) and cb._ml_flow is not None and cb._ml_flow.active_run() is not None:
                 # a tag, not an artifact: the artifact store's recorded path is the staging directory's,
                 # which finish renames; tags live in the tracking store. MLflow caps a tag at 8000 characters.

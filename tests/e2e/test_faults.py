@@ -248,9 +248,13 @@ def test_second_run_on_the_same_output_is_refused(capsys, tmp_path, whole, cut):
             assert "one writer per output" in err
     finally:
         first.send_signal(signal.SIGCONT)
-    _, stderr = first.communicate(timeout=300)
+    stdout, stderr = first.communicate(timeout=300)
     assert first.returncode == 0, stderr[-2000:]
     assert (tmp_path / "cut" / ADAPTER).read_bytes() == (whole / ADAPTER).read_bytes()
+    # -q in a real process (in pytest, logging is pytest's): the summary only; no step lines
+    # (logging_steps 1), raw metric dicts or progress bars
+    assert "SFT finished" in stdout and "{'loss'" not in stdout + stderr and "it/s]" not in stderr
+    assert not [line for line in stderr.splitlines() if " finetune: step " in line or " finetune: eval at" in line]
     assert leftovers(tmp_path) == []
 
 

@@ -6,9 +6,11 @@ import json
 
 import pytest
 import torch
+import yaml
 from conftest import make_pairs, recipe_file, sft_recipe, write_jsonl
 from peft import PeftModel
-from transformers import AutoModelForCausalLM
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, TrainerCallback
 
 from finetune import runs
 from finetune.errors import UserError
@@ -114,3 +116,39 @@ def test_precomputed_reference_gives_the_same_first_step(tmp_path, sft_run, pref
     first = next(e for e in json.loads((out / "metrics.json").read_text())["log_history"] if "rewards/chosen" in e)
     # precomputed in other batches (other padding), so equal up to float rounding, not bit for bit
     assert abs(first["rewards/chosen"]) < 1e-6 and abs(first["rewards/rejected"]) < 1e-6
+
+
+class KeepBest(TrainerCallback):
+    """The best checkpoint's adapter and the evaluations, read before finish removes the checkpoints."""
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.best = state.best_model_checkpoint
+        self.tensors = load_file(f"{self.best}/adapter_model.safetensors")
+        self.last = load_file(f"{args.output_dir}/checkpoint-{state.global_step}/adapter_model.safetensors")
+        self.evals = [(e["step"], e["eval_loss"]) for e in state.log_history if "eval_loss" in e]
+
+
+def test_early_stopping_keeps_the_best_checkpoints_adapter_and_samples_are_written(tmp_path, sft_run, pref_file, capsys):
+    """A forced trigger: `mode: max` on eval_loss, which falls as DPO trains, so every evaluation
+    after the first is worse; the run stops after one (patience 1) and keeps step 2's adapter."""
+    path = dpo_recipe(tmp_path, sft_run, pref_file, max_steps=8, save_steps=2)
+    raw = yaml.safe_load(path.read_text())
+    raw["data"]["eval"] = [str(pref_file)]
+    path.write_text(yaml.safe_dump({**raw, "early_stopping": {"metric": "eval_loss", "patience": 1, "mode": "max"},
+                                    "samples": {"every": 2, "prompts": 1, "max_new_tokens": 3}}))
+    keep = KeepBest()
+    out = run_dpo(read_recipe(path), callbacks=[keep])
+    (step2, loss2), (step4, loss4) = keep.evals
+    assert (step2, step4) == (2, 4) and loss4 < loss2, "the premise: eval_loss fell between the checkpoints"
+    assert keep.best.endswith("checkpoint-2")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["early_stopping"] == {"metric": "eval_loss", "best_step": 2, "best_metric": loss2,
+                                         "last_step": 4, "stopped_early": True}
+    saved = load_file(out / "adapter_model.safetensors")
+    assert saved.keys() == keep.tensors.keys() and all(torch.equal(saved[k], keep.tensors[k]) for k in saved)
+    assert any(not torch.equal(saved[k], keep.last[k]) for k in saved)  # the last step's adapter differs
+    assert "early stopping: stopped early at step 4; adapter from the best checkpoint, step 2" in capsys.readouterr().out
+    # sample answers in DPO: the first eval pair's prompt (its `prompt` turns), at each step they were due
+    first = json.loads(pref_file.read_text().splitlines()[0])["prompt"][-1]["content"]
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["prompt"]) for r in rows] == [(2, first), (4, first)] and all(isinstance(r["answer"], str) for r in rows)

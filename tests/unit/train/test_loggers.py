@@ -1,15 +1,18 @@
 """Each logger's scalars read back from <run>/logs with the logger's own reader, offline; logs
 survive the finish and --resume continues them.
 
-tensorboard is in the `test` extra (CI reads it); wandb and mlflow skip unless their extras are
-installed (pip install -e '.[test,wandb,mlflow]'); trackio is not tested here (its install pulls
-a web UI; see the report of issue 29).
+tensorboard and trackio are in the `test` extra (CI reads them); wandb and mlflow skip unless their
+extras are installed (pip install -e '.[test,wandb,mlflow]'). trackio is read back with its own
+storage reader in a fresh process, which finds the store through TRACKIO_DIR as a user would.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +23,7 @@ from finetune.recipe import read_recipe
 from finetune.stages.sft import run_sft
 from finetune.train.loggers import mlflow_uri
 
-INSTALLED = [name for name in ("tensorboard", "wandb", "mlflow") if importlib.util.find_spec(name)]
+INSTALLED = [name for name in ("tensorboard", "wandb", "mlflow", "trackio") if importlib.util.find_spec(name)]
 STEPS = {"max_steps": 4, "save_steps": 2, "logging_steps": 1}
 
 
@@ -128,6 +131,30 @@ def test_wandb_offline_scalars_read_back(logged_run):
     assert [json.loads(t.read_text())["data"] for t in tables] == [[[r["step"], "hello there", r["answer"]]] for r in answers]
 
 
+def trackio_rows(run: Path, name: str) -> list[dict]:
+    """The rows trackio stored for run `name` in <run>/logs/trackio, read by trackio's storage layer
+    in a new process (trackio reads TRACKIO_DIR when imported). Project: TrainingArguments' default."""
+    code = ("import json, sys\nfrom trackio.sqlite_storage import SQLiteStorage\n"
+            "print(json.dumps(SQLiteStorage.get_logs('huggingface', sys.argv[1]), default=str))")
+    env = {**os.environ, "TRACKIO_DIR": str(run / "logs" / "trackio")}
+    proc = subprocess.run([sys.executable, "-c", code, name], capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def test_trackio_scalars_read_back(logged_run):
+    pytest.importorskip("trackio", reason="finetune[trackio] not installed")
+    stored = trackio_rows(logged_run, "run")
+    rows = [r for r in stored if "train/loss" in r]
+    for key in KEYS:
+        logged = {r["train/global_step"]: r[f"train/{key}"] for r in rows if f"train/{key}" in r}
+        assert logged == pytest.approx(history(logged_run, key), rel=1e-6), key
+    tables = [r["samples"] for r in stored if "samples" in r]
+    answers = [json.loads(line) for line in (logged_run / "samples.jsonl").read_text().splitlines()]
+    assert [t["_type"] for t in tables] == ["trackio.table"] * 2
+    assert [t["_value"] for t in tables] == [[{"step": r["step"], "prompt": "hello there", "answer": r["answer"]}] for r in answers]
+
+
 class InterruptAfterLog(TrainerCallback):
     """Ctrl-C right after the loggers wrote step `step` (after checkpoint 2: what resume rewinds)."""
 
@@ -161,3 +188,8 @@ def test_logs_survive_finish_and_resume_continues_them(tmp_path, tiny_mixtral, s
         runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
         assert len(runs) == 1  # the resumed session continued the same MLflow run
         assert {m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")} == {1, 2, 3, 4}
+    if "trackio" in INSTALLED:  # a second run in this process (after logged_run): its own store, one run
+        rows = [r for r in trackio_rows(out, "cut") if "train/loss" in r]
+        # trackio cannot remove points: step 3 of the interrupted session stays beside the resumed one
+        assert [r["train/global_step"] for r in rows] == [1, 2, 3, 3, 4]
+        assert {r["train/global_step"]: r["train/loss"] for r in rows} == pytest.approx(history(out, "loss"), rel=1e-6)
