@@ -1,7 +1,7 @@
 """Data preparation: finetune's datasets-based, cached preparation against TRL's SFTTrainer preparation.
 
     python bench/data_prep.py generate                      # 200k UltraChat-shaped conversations + 50k pairs
-    python bench/data_prep.py run --procs 1,2               # the table in bench/RESULTS-datacache.md
+    python bench/data_prep.py run --procs 1,2               # the table in bench/RESULTS.md (issue 23)
     python bench/data_prep.py bounded --limit-gb 2          # finetune's cold preparation inside a memory cgroup, then a hit
     BENCH_DATA_DIR=outputs/bench-data-prep-20k python bench/data_prep.py generate --rows 20000 --pairs 5000
 
@@ -10,7 +10,7 @@ sft.jsonl, UltraChat's shape ({prompt, prompt_id, messages}, 1-3 user/assistant 
 English-like text, seeded) and preference.jsonl (UltraFeedback's shape: prompt, chosen and rejected
 as message lists that repeat the prompt). `run` measures, each in a fresh process with its own
 empty caches, with the bundled tokenizer (model/tiny-moe): finetune's cold preparation
-(dataprep.build_datasets) with 1 and 2 processes, a cache hit, then TRL 1.16's own preparation of
+(finetune.data.prep.build_datasets) with 1 and 2 processes, a cache hit, then TRL 1.16's own preparation of
 the same rows (load_dataset("json") + SFTTrainer._prepare_dataset, dataset_num_proc 1 and 2) and
 TRL's remaining steps on finetune's tokenized rows (labels, truncation, filter: what SFTTrainer
 still runs on a pre-tokenized data set). Peak RSS: the measuring process and its largest child

@@ -26,7 +26,8 @@ import pytest
 import torch
 from conftest import REPO, recipe_file, sft_recipe
 
-from finetune import cli, datafiles, hub, modeling
+from finetune import cli, hub, modeling
+from finetune.data import files as datafiles
 from finetune.errors import UserError
 from finetune.export import shards
 from finetune.recipe import ModelSection
