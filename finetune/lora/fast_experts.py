@@ -141,9 +141,8 @@ def _dispatched(experts) -> bool:
     return code is not None and code.co_filename == moe_integration.__file__ and hasattr(cls.forward, "__wrapped__")
 
 
-def _static_problem(wrapper) -> str | None:
-    """Why this wrapped module can never take the fast path (None if it can)."""
-    nest, experts = _nest(wrapper)
+def layout_problem(experts) -> str | None:
+    """Why the fast path cannot stand in for this experts module's forward (None if it can)."""
     name = type(experts).__name__
     if not hasattr(experts, "has_gate") or not hasattr(experts, "_apply_gate"):
         return (f"{name} is not a transformers @use_experts_implementation experts module (no routed "
@@ -152,6 +151,15 @@ def _static_problem(wrapper) -> str | None:
         # e.g. Ergo's experts repeat each token per route and normalise around the dispatched call;
         # standing in for the dispatch alone would skip that
         return f"{name} overrides the dispatched experts forward with its own code around it"
+    return None
+
+
+def _static_problem(wrapper) -> str | None:
+    """Why this wrapped module can never take the fast path (None if it can)."""
+    nest, experts = _nest(wrapper)
+    problem = layout_problem(experts)
+    if problem:
+        return problem
     names = {"gate_up_proj" if experts.has_gate else "up_proj", "down_proj"}
     if any(w.parameter_name not in names or len(shape_of(w.get_param())) != 3 for w in nest):
         return f"LoRA on {type(experts).__name__} targets parameters other than {sorted(names)}"
