@@ -27,7 +27,7 @@ from finetune.lora.fast_experts import enable_fast_expert_lora
 from finetune.moe import expert_weight_names
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "bench"))
-import tiny_configs  # noqa: E402  # the tiny config of each family, shared with the support matrix
+import tiny_configs  # the tiny config of each family, shared with the support matrix
 
 # layout signature (decorator arguments, own _apply_gate) -> (model type, experts class) standing for it
 LAYOUTS = {

@@ -22,7 +22,7 @@ from finetune.qlora import loading as qlora_loading
 from finetune.qlora import nf4
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "bench"))
-import tiny_configs  # noqa: E402  # the support matrix's tiny config of each family
+import tiny_configs  # the support matrix's tiny config of each family
 
 WEIGHTS = ("gate_up_proj", "down_proj")
 BIASES = ("gate_up_proj_bias", "down_proj_bias")
