@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from finetune.errors import UserError
+from finetune.errors import Problem, UserError
 from finetune.lora.fast_experts import experts_forward, layout_problem
 from finetune.lora.grouped_mm import grouped_linear
 from finetune.moe import expert_weight_names, experts_modules
@@ -87,6 +87,16 @@ def _nf4_class(cls: type) -> type:
     return _CLASSES[cls]
 
 
+def refuse_unserved_experts(model_or_experts) -> None:
+    """A UserError if the fast expert path, the only one 4-bit experts run on, cannot serve some
+    experts module (checked on the meta model before a 4-bit load, and per module as it quantizes)."""
+    for experts in experts_modules(model_or_experts):
+        problem = layout_problem(experts)
+        if problem:
+            raise UserError([Problem("model.quantization", "4-bit experts run on the fast expert path only, and it "
+                                     f"cannot serve this model: {problem}; remove the key to train it in 16-bit")])
+
+
 @torch.no_grad()
 def quantize_expert_weight(experts, name: str, w: torch.Tensor, compute_dtype: torch.dtype, staged: bool = False) -> int:
     """Quantize one fused (E, out, in) or (E, in, out) weight of an experts module, expert by expert, into its NF4
@@ -96,10 +106,7 @@ def quantize_expert_weight(experts, name: str, w: torch.Tensor, compute_dtype: t
 
     staged: keep the buffers aside until `register_staged` (transformers' loader replaces every
     non-persistent buffer with an empty one after loading, so they are registered after it)."""
-    problem = layout_problem(experts)
-    if problem:
-        raise UserError(f"model.quantization: 4-bit experts run on the fast expert path only, and it cannot serve "
-                        f"this model: {problem}; remove model.quantization to train it in 16-bit")
+    refuse_unserved_experts(experts)
     buffers, nested_blocksize = quantize_per_expert(w, name)
     if staged:
         experts.__dict__.setdefault("nf4_staged", {}).update(buffers)

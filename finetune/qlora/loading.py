@@ -30,9 +30,9 @@ from accelerate import PartialState
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from finetune.errors import UserError
-from finetune.modeling import load_config, resolve_dtype, ships_mxfp4
+from finetune.modeling import load_config, meta_model, resolve_dtype, ships_mxfp4
 from finetune.moe import experts_modules, is_fused_expert_weight
-from finetune.qlora.experts import is_nf4, quantize_expert_weight, quantize_experts, register_staged
+from finetune.qlora.experts import is_nf4, quantize_expert_weight, quantize_experts, refuse_unserved_experts, register_staged
 from finetune.qlora.nf4 import QUANT_TYPE, require_bitsandbytes
 
 log = logging.getLogger("finetune")
@@ -122,6 +122,7 @@ def load_quantized(section, device_map=None):
     if device_map is None and torch.cuda.is_available():
         device_map = {"": PartialState().device}  # bitsandbytes quantizes on the device it loads to
     config = load_config(section)
+    refuse_unserved_experts(meta_model(config, section.trust_remote_code))  # before minutes of loading
     mxfp4 = ships_mxfp4(config)
     if mxfp4:  # one quantization per load: the MXFP4 config gives way to the 4-bit one, whose loader decodes MXFP4
         del config.quantization_config

@@ -112,6 +112,7 @@ def test_sft_and_export_write_16bit(mxfp4_checkpoint, tmp_path):
     assert "quantization_config" not in config
     note = json.loads((out / MANIFEST).read_text())["base_mxfp4"]
     assert "4 expert weights in MXFP4" in note and "merged in float32" in note, note
+    assert note in (out / "README.md").read_text()  # the model card says it too
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
         assert not any(k.endswith(("_blocks", "_scales")) for k in keys)

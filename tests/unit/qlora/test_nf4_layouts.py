@@ -12,6 +12,7 @@ import copy
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
@@ -119,3 +120,16 @@ def test_gpt_oss_streamed_4bit_load(tmp_path, monkeypatch, caplog):
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
     with torch.no_grad():  # a bare 4-bit base runs (the DPO reference with adapters off takes this path)
         assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3, 4]])).logits).all()
+
+
+def test_unserved_experts_refused_before_loading(tmp_path):
+    """Llama-4's text experts are not a transformers experts-dispatch module: the fast path, the only
+    one 4-bit experts run on, cannot serve them, so the 4-bit load says so before reading any weight."""
+    from finetune.errors import UserError
+    from finetune.recipe import ModelSection
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_configs.tiny_config("llama4_text")).save_pretrained(tmp_path / "m")
+    with pytest.raises(UserError, match=r"model.quantization: .*Llama4TextExperts is not a transformers") as err:
+        qlora_loading.load_quantized(ModelSection(name_or_path=str(tmp_path / "m"), dtype="float32"))
+    assert [p.where for p in err.value.problems] == ["model.quantization"]
