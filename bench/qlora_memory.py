@@ -4,6 +4,7 @@
     python bench/qlora_memory.py --only-tiny
     python bench/qlora_memory.py --bounded-load [--layers 24] [--limit-share 0.5]   # the load's peak, under a limit
     python bench/qlora_memory.py --bounded-load --family gpt_oss --layers 16        # the same for a second expert layout
+    python bench/qlora_memory.py --bounded-load --family gpt_oss_mxfp4 --layers 16  # ... with MXFP4 experts, as gpt-oss ships
 
 Each load runs in a fresh subprocess so its peak RSS (VmHWM) is its own: the 16-bit model as
 transformers loads it, and the same checkpoint through finetune.qlora.loading.load_quantized. Reported
@@ -78,6 +79,7 @@ def measure(path: str, quantized, dtype: str) -> dict:
     from finetune.qlora.experts import quantize_experts
     from finetune.qlora.loading import bnb_config, load_quantized
     from finetune.qlora.memory import resident_bytes
+    from finetune.modeling import dequantized, load_config, ships_mxfp4
     from finetune.recipe import ModelSection
 
     baseline, baseline_anon = _status("VmRSS"), _status("RssAnon")
@@ -87,6 +89,13 @@ def measure(path: str, quantized, dtype: str) -> dict:
     section = ModelSection(name_or_path=path, dtype=dtype, attn_implementation="eager")
     if quantized in (True, "while"):
         model = load_quantized(section)
+        held = resident_bytes(model)
+    elif quantized == "after" and ships_mxfp4(load_config(section)):
+        # an MXFP4 checkpoint takes no BitsAndBytesConfig: the stock route decodes it to 16-bit
+        # (Mxfp4Config(dequantize=True)) and quantizes the experts afterwards (linear layers stay 16-bit)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), attn_implementation="eager",
+                                                     **dequantized(load_config(section), path))
+        quantize_experts(model, getattr(torch, dtype))
         held = resident_bytes(model)
     elif quantized == "after":
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), quantization_config=bnb_config(getattr(torch, dtype)))
@@ -163,7 +172,17 @@ def make_random_gpt_oss(out: Path, layers: int = 8, max_shard_size: str = "5GB",
     return out
 
 
-RANDOM = {"mixtral": make_random_mixtral, "gpt_oss": make_random_gpt_oss}
+def make_random_gpt_oss_mxfp4(out: Path, layers: int = 8, max_shard_size: str = "5GB", **shape) -> Path:
+    """make_random_gpt_oss with its experts then rewritten in MXFP4, as the released gpt-oss ships them
+    (random codes; bench/mxfp4_checkpoint.py)."""
+    import mxfp4_checkpoint
+
+    make_random_gpt_oss(out, layers, max_shard_size, **shape)
+    mxfp4_checkpoint.to_mxfp4(out, keep_expected=False)
+    return out
+
+
+RANDOM = {"mixtral": make_random_mixtral, "gpt_oss": make_random_gpt_oss, "gpt_oss_mxfp4": make_random_gpt_oss_mxfp4}
 
 
 @contextlib.contextmanager

@@ -3,14 +3,9 @@ model.quantization: nf4), and the export writes a 16-bit checkpoint and says so.
 
     pytest tests/e2e/test_mxfp4.py      # CPU, offline, about half a minute
 
-transformers 5.25 cannot write an MXFP4 checkpoint on a CPU without the network: quantizing
-(`Mxfp4Quantize`) calls `triton_kernels_hub`, which `replace_with_mxfp4_linear` fetches from the hub
-(`kernels-community/gpt-oss-triton-kernels`), and it needs Triton >= 3.5. So the tiny checkpoint is
-written here from the format alone (the layout transformers' decoder reads, integrations/mxfp4.py):
-for a weight W (E, in, out), `W_blocks` uint8 (E, out, in/32, 16), the low nibble the even element,
-each nibble an index into the FP4 values below, and `W_scales` uint8 (E, out, in/32), the exponent
-+ 127 of each 32 values. Codes and exponents are drawn at random, so the expected decoded weight is
-known exactly without any quantizer.
+The tiny MXFP4 checkpoint is written from the format with random codes
+(bench/mxfp4_checkpoint.py: transformers 5.25 cannot write MXFP4 on a CPU offline, it needs
+Triton kernels fetched from the hub), so the expected decoded weights are known exactly.
 """
 
 from __future__ import annotations
@@ -22,42 +17,23 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from finetune.modeling import load_pretrained
 from finetune.recipe import ModelSection
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+import mxfp4_checkpoint  # writes MXFP4 experts from the format
 import support_matrix  # the tiny gpt-oss checkpoint (bundled tokenizer) and recipes of the family sweep
-
-FP4 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
-EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 
 
 def write_mxfp4(directory: Path) -> dict[str, torch.Tensor]:
     """A tiny random gpt-oss checkpoint with its experts in MXFP4; returns the exact decoded weights."""
     support_matrix.tiny_checkpoint("gpt_oss", directory)
-    state = load_file(directory / "model.safetensors")
-    g = torch.Generator().manual_seed(1)
-    expected = {}
-    for key in [k for k in state if k.endswith(EXPERTS)]:
-        e, inp, out = state.pop(key).shape
-        codes = torch.randint(0, 16, (e, out, inp // 32, 32), generator=g, dtype=torch.uint8)
-        exponents = torch.randint(122, 129, (e, out, inp // 32), generator=g, dtype=torch.uint8)
-        rows = FP4[codes.long()] * torch.exp2(exponents.float() - 127).unsqueeze(-1)
-        expected[key] = rows.reshape(e, out, inp).transpose(1, 2).contiguous()
-        state[key + "_blocks"] = (codes[..., 0::2] | (codes[..., 1::2] << 4)).contiguous()
-        state[key + "_scales"] = exponents
-    save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
-    config = json.loads((directory / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
-        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
-    (directory / "config.json").write_text(json.dumps(config))
-    return expected
+    return mxfp4_checkpoint.to_mxfp4(directory)
 
 
 @pytest.fixture(scope="module")
-def mxfp4_checkpoint(tmp_path_factory):
+def mxfp4_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("gpt-oss-mxfp4")
     return directory, write_mxfp4(directory)
 
@@ -66,8 +42,8 @@ def section(path, **extra) -> ModelSection:
     return ModelSection(name_or_path=str(path), dtype="float32", attn_implementation="eager", **extra)
 
 
-def test_16bit_load_decodes_exactly(mxfp4_checkpoint):
-    path, expected = mxfp4_checkpoint
+def test_16bit_load_decodes_exactly(mxfp4_dir):
+    path, expected = mxfp4_dir
     model = load_pretrained(section(path))
     assert not getattr(model.config, "quantization_config", None)  # a plain model: LoRA and the Trainer accept it
     for key, want in expected.items():
@@ -75,11 +51,11 @@ def test_16bit_load_decodes_exactly(mxfp4_checkpoint):
         assert got.dtype == torch.float32 and torch.equal(got, want), key
 
 
-def test_nf4_load_decodes_then_quantizes_while_loading(mxfp4_checkpoint, monkeypatch, caplog):
+def test_nf4_load_decodes_then_quantizes_while_loading(mxfp4_dir, monkeypatch, caplog):
     from finetune.qlora import experts as nf4_experts
     from finetune.qlora import loading, nf4
 
-    path, expected = mxfp4_checkpoint
+    path, expected = mxfp4_dir
     arrived = []
     real = nf4_experts.quantize_expert_weight
 
@@ -100,12 +76,12 @@ def test_nf4_load_decodes_then_quantizes_while_loading(mxfp4_checkpoint, monkeyp
             assert torch.equal(nf4.dequantized_weight(got.mlp.experts, name), nf4.dequantized_weight(want.mlp.experts, name))
 
 
-def test_sft_and_export_write_16bit(mxfp4_checkpoint, tmp_path):
+def test_sft_and_export_write_16bit(mxfp4_dir, tmp_path):
     from finetune.export import MANIFEST, export
     from finetune.recipe import read_recipe
     from finetune.stages.sft import run_sft
 
-    path, expected = mxfp4_checkpoint
+    path, expected = mxfp4_dir
     run = run_sft(read_recipe(support_matrix.recipe(tmp_path, path, "sft", steps=2)))
     out = export(str(run), str(tmp_path / "export"), dtype="float32", progress=False)
     config = json.loads((out / "config.json").read_text())
