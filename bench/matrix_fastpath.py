@@ -59,7 +59,7 @@ def fast_path(model_dir) -> str:
         if not torch.allclose(fast[key], want, rtol=1e-4, atol=atol):
             return f"fast path differs from stock in {key} by {(fast[key] - want).abs().max().item():.2e}"
         worst = max(worst, ((fast[key] - want).abs().max() / want.abs().max().clamp(min=1e-12)).item())
-    return f"pass ({modules} MoE layers; fast = stock in logits and {len(stock) - 1} gradients, max rel diff {worst:.1e})"
+    return f"pass ({modules} MoE layers; fast = stock in logits and {len(stock) - 1} gradients, max diff {worst:.1e} relative)"
 
 
 def four_bit(model_dir) -> str:

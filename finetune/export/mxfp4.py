@@ -55,4 +55,4 @@ def note(sources: dict, dtype: torch.dtype, base_dir: Path) -> str | None:
     if not sources:
         return None
     return (f"the base checkpoint {base_dir} ships {len(sources)} expert weights in MXFP4; the export writes them "
-            f"decoded and merged in {str(dtype).removeprefix('torch.')} (a 16-bit checkpoint, no quantization_config)")
+            f"decoded and merged in {str(dtype).removeprefix('torch.')} (no MXFP4 tensors, no quantization_config)")

@@ -23,6 +23,7 @@ import torch
 import transformers
 from peft import LoraConfig, get_peft_model
 
+from finetune.lora import grouped_mm
 from finetune.lora.fast_experts import enable_fast_expert_lora
 from finetune.moe import expert_weight_names
 
@@ -143,6 +144,19 @@ def test_fast_equals_stock(layout, impl):
     assert_same(run(model, *args), stock)
     if experts.has_bias:
         assert any(k.endswith("_bias") for k in stock), "biases were meant to train here"
+
+
+@pytest.mark.parametrize("layout", [k for k, v in LAYOUTS.items() if "is_transposed=True" in k[0]],
+                         ids=lambda k: LAYOUTS[k][0])
+def test_loop_branch_on_transposed_layouts(layout, monkeypatch):
+    """The torch.mm loop (used where torch._grouped_mm cannot run) on (E, in, out) weights too."""
+    monkeypatch.setitem(grouped_mm.GROUPED_MM, "cpu", ())
+    experts = experts_of(*LAYOUTS[layout], "grouped_mm")
+    model = wrapped(experts, train_bias=experts.has_bias)
+    args = routing(experts)
+    stock = run(model, *args)
+    assert enable_fast_expert_lora(model) == 1
+    assert_same(run(model, *args), stock)
 
 
 def test_overridden_forward_stays_stock_with_reason():
