@@ -125,11 +125,20 @@ def test_gpt_oss_streamed_4bit_load(tmp_path, monkeypatch, caplog):
 def test_unserved_experts_refused_before_loading(tmp_path):
     """Llama-4's text experts are not a transformers experts-dispatch module: the fast path, the only
     one 4-bit experts run on, cannot serve them, so the 4-bit load says so before reading any weight."""
-    from finetune.errors import UserError
-    from finetune.recipe import ModelSection
+    import support_matrix  # the family sweep's tiny checkpoint (with the bundled tokenizer) and recipe
+    import yaml
 
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(tiny_configs.tiny_config("llama4_text")).save_pretrained(tmp_path / "m")
+    from finetune.errors import UserError
+    from finetune.recipe import ModelSection, read_recipe
+    from finetune.validate import check
+
+    path = support_matrix.tiny_checkpoint("llama4_text", tmp_path / "m")
     with pytest.raises(UserError, match=r"model.quantization: .*Llama4TextExperts is not a transformers") as err:
-        qlora_loading.load_quantized(ModelSection(name_or_path=str(tmp_path / "m"), dtype="float32"))
+        qlora_loading.load_quantized(ModelSection(name_or_path=str(path), dtype="float32"))
     assert [p.where for p in err.value.problems] == ["model.quantization"]
+    recipe = support_matrix.recipe(tmp_path, path, "sft")
+    recipe.write_text(yaml.safe_dump({**yaml.safe_load(recipe.read_text()), "model": {
+        "name_or_path": str(path), "dtype": "float32", "quantization": "nf4"}}))
+    with pytest.raises(UserError) as err:  # finetune validate says it too, before any weight is read
+        check(read_recipe(recipe))
+    assert any(p.where == "model.quantization" and "Llama4TextExperts" in p.what for p in err.value.problems)
