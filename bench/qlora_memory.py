@@ -218,7 +218,7 @@ def bounded_load(layers: int, limit_share: float, shard: str, family: str = "mix
         size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
         n = params_of(str(path))
         limit = int(limit_share * size)
-        print(f"checkpoint: random {family}, {layers} layers, {n['total'] / 1e9:.2f}B parameters, {size / GiB:.2f} GiB bfloat16 in "
+        print(f"checkpoint: random {family}, {layers} layers, {n['total'] / 1e9:.2f}B parameters, {size / GiB:.2f} GiB bfloat16{' (experts in MXFP4)' if family.endswith('mxfp4') else ''} in "
               f"{len(list(path.glob('*.safetensors')))} shards; limit {limit / GiB:.2f} GiB ({limit_share:.0%})", flush=True)
         for mode, what in (("while", "experts quantized while loading (finetune)"),
                            ("after", "experts quantized after loading (stock 4-bit load)")):
