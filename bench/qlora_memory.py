@@ -3,6 +3,8 @@
     python bench/qlora_memory.py                 # model/tiny-moe and a random ~1.5 GB Mixtral-shaped model
     python bench/qlora_memory.py --only-tiny
     python bench/qlora_memory.py --bounded-load [--layers 24] [--limit-share 0.5]   # the load's peak, under a limit
+    python bench/qlora_memory.py --bounded-load --family gpt_oss --layers 16        # the same for a second expert layout
+    python bench/qlora_memory.py --bounded-load --family gpt_oss_mxfp4 --layers 16  # ... with MXFP4 experts, as gpt-oss ships
 
 Each load runs in a fresh subprocess so its peak RSS (VmHWM) is its own: the 16-bit model as
 transformers loads it, and the same checkpoint through finetune.qlora.loading.load_quantized. Reported
@@ -77,14 +79,23 @@ def measure(path: str, quantized, dtype: str) -> dict:
     from finetune.qlora.experts import quantize_experts
     from finetune.qlora.loading import bnb_config, load_quantized
     from finetune.qlora.memory import resident_bytes
+    from finetune.modeling import dequantized, load_config, ships_mxfp4
     from finetune.recipe import ModelSection
 
     baseline, baseline_anon = _status("VmRSS"), _status("RssAnon")
     peak_anon, stop = _anon_peak_sampler()
     start = time.perf_counter()
-    section = ModelSection(name_or_path=path, dtype=dtype)
+    # eager attention: gpt-oss refuses sdpa (its sinks), and the attention kernel holds no weights
+    section = ModelSection(name_or_path=path, dtype=dtype, attn_implementation="eager")
     if quantized in (True, "while"):
         model = load_quantized(section)
+        held = resident_bytes(model)
+    elif quantized == "after" and ships_mxfp4(load_config(section)):
+        # an MXFP4 checkpoint takes no BitsAndBytesConfig: the stock route decodes it to 16-bit
+        # (Mxfp4Config(dequantize=True)) and quantizes the experts afterwards (linear layers stay 16-bit)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), attn_implementation="eager",
+                                                     **dequantized(load_config(section), path))
+        quantize_experts(model, getattr(torch, dtype))
         held = resident_bytes(model)
     elif quantized == "after":
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), quantization_config=bnb_config(getattr(torch, dtype)))
@@ -137,6 +148,43 @@ def make_random_mixtral(out: Path, layers: int = 8, max_shard_size: str = "5GB",
     return out
 
 
+def make_random_gpt_oss(out: Path, layers: int = 8, max_shard_size: str = "5GB", **shape) -> Path:
+    """A random gpt-oss-architecture checkpoint in bfloat16 (a second expert layout: (E, in, out)
+    weights, expert biases, interleaved gate/up): hidden 1024, 8 experts of 2048, vocab 32000
+    (`shape` overrides any GptOssConfig field); each layer ~0.11 GB. Saved in 16-bit, not MXFP4."""
+    import torch
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    config = GptOssConfig(**{**dict(vocab_size=32000, hidden_size=1024, intermediate_size=2048, num_hidden_layers=layers,
+                                    num_attention_heads=8, num_key_value_heads=2, head_dim=128, num_local_experts=8,
+                                    num_experts_per_tok=2, max_position_embeddings=4096, sliding_window=128,
+                                    layer_types=["sliding_attention", "full_attention"] * (layers // 2) + ["full_attention"] * (layers % 2),
+                                    tie_word_embeddings=False), **shape})
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    model = GptOssForCausalLM(config)
+    torch.set_default_dtype(torch.float32)
+    with torch.no_grad():  # gpt-oss leaves its fused experts as torch.empty until loading: give them values
+        for name, p in model.named_parameters():
+            if ".experts." in name:
+                p.normal_(std=0.02)
+    model.save_pretrained(out, max_shard_size=max_shard_size)
+    return out
+
+
+def make_random_gpt_oss_mxfp4(out: Path, layers: int = 8, max_shard_size: str = "5GB", **shape) -> Path:
+    """make_random_gpt_oss with its experts then rewritten in MXFP4, as the released gpt-oss ships them
+    (random codes; bench/mxfp4_checkpoint.py)."""
+    import mxfp4_checkpoint
+
+    make_random_gpt_oss(out, layers, max_shard_size, **shape)
+    mxfp4_checkpoint.to_mxfp4(out, keep_expected=False)
+    return out
+
+
+RANDOM = {"mixtral": make_random_mixtral, "gpt_oss": make_random_gpt_oss, "gpt_oss_mxfp4": make_random_gpt_oss_mxfp4}
+
+
 @contextlib.contextmanager
 def memory_cgroup(limit: int):
     """A memory cgroup whose processes may hold at most `limit` bytes, page cache included: the
@@ -161,16 +209,16 @@ def memory_cgroup(limit: int):
         group.rmdir()
 
 
-def bounded_load(layers: int, limit_share: float, shard: str) -> None:
-    """Load a random Mixtral-architecture checkpoint in 4-bit two ways, free and under a memory
+def bounded_load(layers: int, limit_share: float, shard: str, family: str = "mixtral") -> None:
+    """Load a random checkpoint of `family`'s architecture (RANDOM) in 4-bit two ways, free and under a memory
     limit of `limit_share` of the checkpoint's size: finetune's load (experts quantized as they
     stream in) and the stock load (quantized after the whole model is in)."""
     with tempfile.TemporaryDirectory() as tmp:
-        path = make_random_mixtral(Path(tmp) / "random-mixtral", layers=layers, max_shard_size=shard)
+        path = RANDOM[family](Path(tmp) / f"random-{family}", layers=layers, max_shard_size=shard)
         size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
         n = params_of(str(path))
         limit = int(limit_share * size)
-        print(f"checkpoint: {layers} layers, {n['total'] / 1e9:.2f}B parameters, {size / GiB:.2f} GiB bfloat16 in "
+        print(f"checkpoint: random {family}, {layers} layers, {n['total'] / 1e9:.2f}B parameters, {size / GiB:.2f} GiB bfloat16{' (experts in MXFP4)' if family.endswith('mxfp4') else ''} in "
               f"{len(list(path.glob('*.safetensors')))} shards; limit {limit / GiB:.2f} GiB ({limit_share:.0%})", flush=True)
         for mode, what in (("while", "experts quantized while loading (finetune)"),
                            ("after", "experts quantized after loading (stock 4-bit load)")):
@@ -267,9 +315,10 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=24, help="--bounded-load: decoder layers of the random checkpoint")
     ap.add_argument("--limit-share", type=float, default=0.5, help="--bounded-load: the limit, as a share of the checkpoint size")
     ap.add_argument("--shard", default="200MB", help="--bounded-load: checkpoint shard size")
+    ap.add_argument("--family", default="mixtral", choices=sorted(RANDOM), help="--bounded-load: the random checkpoint's architecture")
     args = ap.parse_args()
     if args.bounded_load:
-        bounded_load(args.layers, args.limit_share, args.shard)
+        bounded_load(args.layers, args.limit_share, args.shard, args.family)
         return
     rows = [report("model/tiny-moe", str(REPO / "model" / "tiny-moe"), "float32")]
     if not args.only_tiny:

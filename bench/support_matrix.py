@@ -26,6 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
+import matrix_fastpath
 import tiny_configs
 import torch
 import transformers
@@ -47,6 +48,7 @@ MATRIX = REPO / "docs" / "support-matrix.md"
 CURATED = ["mixtral", "qwen2_moe", "qwen3_moe", "qwen3_5_moe", "qwen3_next", "olmoe", "deepseek_v3", "gpt_oss",
            "glm4_moe", "granitemoe", "phimoe", "llama4", "gemma4"]
 COLUMNS = ["validate", "sft", "dpo", "export", "reload", "experts changed", "routing metrics", "router policies"]
+COLUMNS += matrix_fastpath.COLUMNS  # fast expert path and 4-bit experts (issue 20): bench/matrix_fastpath.py
 IDS = torch.tensor([[1, 9, 4, 17, 22, 30, 5, 2, 40, 41, 42, 43]])
 # float32 end to end: the export and the unmerged chain differ only by summation order
 LOGITS_ATOL = 1e-4
@@ -185,6 +187,7 @@ def run_type(model_type: str, tmp: Path) -> dict[str, str]:
                 raise Failed(f"policy {policy}: the exported router is unchanged")
 
     step("router policies", policies)
+    cells.update(matrix_fastpath.cells(model_dir))  # run whatever the columns above found
     return cells
 
 
@@ -224,9 +227,10 @@ def write_matrix(path: Path, rows: dict[str, list[str]], all_types: dict[str, st
         "changed by the export (and every shared expert); routing metrics in the SFT log; router policies train "
         "and lora each train the router and the export carries it (freeze is the SFT column)."),
         "",
-        ("Expert LoRA runs on the fast path where its layout is Mixtral's; other layouts (gpt-oss: biases, "
-        "(E, in, out) weights) fall back to PEFT's stock path with a warning, which is acceptable here "
-        "(issue 20 generalises the fast path and 4-bit experts)."),
+        ("Last two columns (bench/matrix_fastpath.py, run even where an earlier column failed): the fast expert "
+        "LoRA path against PEFT's stock path on one forward and backward (logits and every gradient, float32, "
+        "rtol 1e-4), or the reason it names for leaving experts on the stock path; and finetune's 4-bit load "
+        "leaving every MoE layer's experts in NF4, quantized as the checkpoint streams in."),
         "",
         "| type | built as | " + " | ".join(COLUMNS) + " |",
         "|" + "---|" * (len(COLUMNS) + 2),

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Mxfp4Config
 
 from finetune import hub
 from finetune.errors import UserError
@@ -144,14 +144,6 @@ def load_pretrained(section: ModelSection, device_map=None):
     """The base model with real weights in 16/32-bit, in the recipe's dtype and attention kernel.
     (finetune/load.load_model is the one place that chooses between this and the 4-bit loader.)"""
     hub.check_reachable(section.name_or_path, "model", "model.name_or_path")
-    extra = {}
-    quantized = getattr(load_config(section), "quantization_config", None)
-    if (quantized.get("quant_method") if isinstance(quantized, dict) else getattr(quantized, "quant_method", None)) == "mxfp4":
-        # gpt-oss ships its experts in MXFP4; where the GPU kernels are installed transformers keeps them
-        # so and refuses to train them: LoRA trains on the 16-bit weights, as OpenAI's own TRL example does
-        from transformers import Mxfp4Config  # only for MXFP4 checkpoints
-
-        extra["quantization_config"] = Mxfp4Config(dequantize=True)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             section.name_or_path,
@@ -159,7 +151,7 @@ def load_pretrained(section: ModelSection, device_map=None):
             attn_implementation=section.attn_implementation,
             trust_remote_code=section.trust_remote_code,
             device_map=device_map,
-            **extra,
+            **dequantized(load_config(section), section.name_or_path),
         )
     except SafetensorError as exc:
         broken = broken_safetensors(section.name_or_path)
@@ -171,6 +163,23 @@ def load_pretrained(section: ModelSection, device_map=None):
                         f"{_not_found(section.name_or_path) or exc}") from None
     alias_expert_count(model.config)
     return model
+
+
+def ships_mxfp4(config) -> bool:
+    """The checkpoint stores its experts in MXFP4 (gpt-oss: `*_blocks` + `*_scales` per expert weight)."""
+    q = getattr(config, "quantization_config", None)
+    method = q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", None)
+    return str(getattr(method, "value", method)) == "mxfp4"
+
+
+def dequantized(config, name: str) -> dict:
+    """from_pretrained arguments that load an MXFP4 checkpoint's experts dequantized to the load
+    dtype: LoRA needs real weights (transformers' MXFP4 experts are Triton kernels, not trainable;
+    without Triton it dequantizes anyway, with a warning). Empty for any other checkpoint."""
+    if not ships_mxfp4(config):
+        return {}
+    log.info("%s ships its experts in MXFP4: loading them dequantized (transformers' Mxfp4Config(dequantize=True))", name)
+    return {"quantization_config": Mxfp4Config(dequantize=True)}
 
 
 def alias_expert_count(config) -> None:

@@ -158,6 +158,9 @@ def _export(run, output, base_dir, adapter_dirs, tokenizer, dtype, torch_dtype, 
         del adapters
         faults.point("export")  # test-only: a signal with the shards half verified
         verify.check_files(tmp, merged["digests"])
+        if merged["mxfp4"]:  # the experts are written decoded: the export is a plain 16-bit checkpoint
+            log.info(merged["mxfp4"])
+            del config.quantization_config
         _save_config(config, torch_dtype, tmp)
         tokenizer_info = save_tokenizer(tokenizer, tmp)
         eot = _generation_config(tokenizer, tmp)
@@ -170,7 +173,7 @@ def _export(run, output, base_dir, adapter_dirs, tokenizer, dtype, torch_dtype, 
             "checks": {"tensors": {**merged["tensor_check"], "checked": merged["adapted_tensors"]},
                        "files": {"tensors": merged["tensors"], "byte_identical": True},
                        "forward": forward},
-            "tokenizer": tokenizer_info, "end_of_turn_token": eot,
+            "tokenizer": tokenizer_info, "end_of_turn_token": eot, "base_mxfp4": merged["mxfp4"],
             "seconds": time.perf_counter() - started,
         }
         if run.chain[0].get("from_model"):  # DPO from a model: the merge's base, with an export's own record
@@ -193,6 +196,8 @@ def _export(run, output, base_dir, adapter_dirs, tokenizer, dtype, torch_dtype, 
           f"{checks['tensors']['max_relative_error']:.1e}, float32 merge vs chain {forward['merge_relative_error']:.1e}, "
           f"files byte-identical, logits vs merged-and-rounded {forward['files_relative_error']:.1e} ({forward['mode']}); "
           f"{dtype} rounding moves the logits by {forward['rounding_relative_error']:.1e} (relative, information)")
+    if manifest["base_mxfp4"]:
+        print(f"  {manifest['base_mxfp4']}")
     if "nf4_tolerance" in manifest:
         print(f"  against the 4-bit chain it was trained as: {manifest['nf4_chain_relative_error']:.2e} <= "
               f"{manifest['nf4_tolerance']:.2e} (2 x the base's own 4-bit vs 16-bit gap {manifest['nf4_base_gap']:.2e} + 1e-3)")

@@ -34,7 +34,7 @@ from transformers.core_model_loading import PrefixChange, revert_weight_conversi
 
 from finetune import modeling
 from finetune.errors import CheckFailed, UserError
-from finetune.export import deltas, shards
+from finetune.export import deltas, mxfp4, shards
 
 log = logging.getLogger("finetune")
 
@@ -157,6 +157,7 @@ def merge_checkpoint(base_dir: Path, adapters: list[deltas.Adapter], out_dir: Pa
     terms = deltas.chain_terms(adapters)
     files = shards.shard_files(base_dir)
     specs = shards.tensor_specs(files)
+    mx = mxfp4.decode_specs(specs)  # gpt-oss: MXFP4 experts are read decoded and written in `dtype`
 
     owner: dict[str, str] = {}
     pieces: dict[str, int] = {}
@@ -234,7 +235,7 @@ def merge_checkpoint(base_dir: Path, adapters: list[deltas.Adapter], out_dir: Pa
                         bar.update(1)
                     handle = safe_open(str(file), "pt").__enter__()
                     current_file = file
-                base = handle.get_tensor(key)
+                base = mxfp4.read(key, mx) if key in mx else handle.get_tensor(key)
                 if key in owner:
                     param = owner[key]
                     entry = pieces_of(param)
@@ -280,4 +281,5 @@ def merge_checkpoint(base_dir: Path, adapters: list[deltas.Adapter], out_dir: Pa
         "config": config,
         "adapters": adapters,
         "seconds": time.perf_counter() - started,
+        "mxfp4": mxfp4.note(mx, dtype, base_dir),
     }

@@ -78,6 +78,7 @@ def write_model_card(directory: Path, name: str, run: Run, manifest: dict) -> No
         f"{forward['merge_relative_error']:.1e}; the written files are byte-identical to the merged tensors; "
         f"{manifest['dtype']} rounding moves the logits by {forward['rounding_relative_error']:.1e} (relative). "
         f"Generation stops at `{manifest['end_of_turn_token']}`, the chat template's end of turn.",
+        *(["", f"MXFP4: {manifest['base_mxfp4']}."] if manifest.get("base_mxfp4") else []),
         "",
         f"Chat with it in plain transformers (from the directory that holds `{name}`, or with its full path):",
         "",

@@ -25,6 +25,7 @@ from safetensors import safe_open
 from transformers.utils.hub import convert_file_size_to_int
 
 from finetune.errors import UserError
+from finetune.export import mxfp4
 
 INDEX = "model.safetensors.index.json"
 DTYPE_CODES = {
@@ -102,6 +103,7 @@ def planned_bytes(base_dir: Path, dtype: torch.dtype) -> int:
     """Bytes of the merged shards an export writes: every base tensor, floating ones in `dtype`
     (from the headers alone; the merge keeps the base's keys and shapes)."""
     specs = tensor_specs(shard_files(base_dir))
+    mxfp4.decode_specs(specs)  # MXFP4 experts are written decoded
     return sum(_nbytes(shape, dtype if d.is_floating_point else d) for _, shape, d in specs.values())
 
 

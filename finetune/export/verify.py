@@ -30,8 +30,9 @@ from peft.utils.other import ModulesToSaveWrapper
 from peft.utils.save_and_load import load_peft_weights
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
+from finetune import modeling
 from finetune.errors import CheckFailed
 from finetune.export import deltas, shards
 
@@ -194,7 +195,8 @@ def forward_check(base_dir: Path, adapter_dirs: list[Path], written_dir: Path, d
         adapter_dirs = [truncate_adapter(Path(d), layers, scratch / f"adapter-{i}", base_dir) for i, d in enumerate(adapter_dirs)]
         written_dir = truncate_checkpoint(written_dir, layers, scratch / "export")
     try:
-        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(  # an MXFP4 base (gpt-oss) decoded, as training loaded it
+            base_dir, dtype=torch.float32, **modeling.dequantized(AutoConfig.from_pretrained(base_dir), str(base_dir))).eval()
         for i, path in enumerate(adapter_dirs):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

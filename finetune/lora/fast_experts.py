@@ -2,8 +2,12 @@
 
 PEFT's `target_parameters` path (peft.tuners.lora.layer.ParamWrapper) folds W + s·B·A into a
 full (E, out, in) weight on every forward, so autograd also builds a full-size weight gradient.
-Here each expert group of routed tokens computes x·W_eᵀ + s·((x·A_eᵀ)·B_eᵀ) instead: the base
-GEMM plus two thin GEMMs through the rank, for gate_up and for down. A custom autograd Function
+Here each expert group of routed tokens computes x·W_eᵀ + s·((x·A_eᵀ)·B_eᵀ) (+ the expert's bias)
+instead: the base GEMM plus two thin GEMMs through the rank, for gate_up and for down. Every layout
+of transformers' `@use_experts_implementation` experts is served (weights (E, out, in) or
+(E, in, out), biases, concatenated or interleaved gate/up or no gate, clamped or custom gates: the
+module's own `_apply_gate`/`act_fn` run); other experts modules (Llama-4's text experts, which take
+pre-routed inputs) stay on PEFT's stock path with a warning naming the reason. A custom autograd Function
 returns gradients for x, A and B only; nothing of the expert-weight size is built forward or back.
 
 Seam: the outermost PEFT ParamWrapper around each experts module gets an instance-level
@@ -29,6 +33,7 @@ import warnings
 
 import torch
 from peft.tuners.lora.layer import ParamWrapper
+from transformers.integrations import moe as moe_integration
 
 from finetune.lora.grouped_mm import StackedWeight, expert_groups, grouped_linear, grouped_mm_ok
 from finetune.moe import shape_of
@@ -44,18 +49,27 @@ def _warn_once(msg: str) -> None:
 # ---- one MoE layer --------------------------------------------------------------------------
 
 
-def _grouped_linear(experts, name, x, lora, groups):
+def _grouped_linear(experts, name, x, lora, groups, expert_ids):
     own = getattr(experts, "grouped_linear", None)
     if own is not None:  # 4-bit experts (finetune/qlora/experts.py) bring their own base matmul
-        return own(name, x, lora, groups)
-    return grouped_linear(x, StackedWeight(getattr(experts, name)), lora, groups)
+        y = own(name, x, lora, groups)
+    else:
+        y = grouped_linear(x, StackedWeight(getattr(experts, name), experts.is_transposed), lora, groups)
+    if experts.has_bias:  # (E, out) biases stay 16-bit parameters; autograd reaches them if they train
+        y = y + getattr(experts, f"{name}_bias")[expert_ids].to(y.dtype)
+    return y
 
 
 def experts_forward(experts, hidden_states, top_k_index, top_k_weights, loras):
-    """Mixtral-style fused experts with LoRA on activations.
+    """A transformers `@use_experts_implementation` experts module with LoRA on activations, in
+    any of its layouts: weights (E, out, in) or (E, in, out) (`is_transposed`), expert biases
+    (`has_bias`), gate and up concatenated or interleaved or no gate at all (the module's own
+    `_apply_gate` / `act_fn` decide, as in transformers' grouped_mm forward), a post-expert norm.
 
     `loras` maps a parameter name ("gate_up_proj"/"up_proj", "down_proj") to (A (E,r,in),
-    B (E,out,r), scaling) or is missing it for no LoRA on that weight.
+    B (E,out,r), scaling) or is missing it for no LoRA on that weight. PEFT's factors mean
+    W_e + s·B_e·A_e in (out, in) terms for both weight orientations (ParamWrapper swaps its
+    in/out features unless the module says `is_transposed`), so they need no transposing here.
     """
     num_tokens, top_k = top_k_index.shape
     first = "gate_up_proj" if experts.has_gate else "up_proj"
@@ -74,9 +88,9 @@ def experts_forward(experts, hidden_states, top_k_index, top_k_weights, loras):
 
     with torch.autocast(device.type, enabled=False):  # compute in the weight dtype, like grouped_mm
         x = hidden_states.to(dtype)[perm // top_k]
-        h = _grouped_linear(experts, first, x, lora1, groups)
+        h = _grouped_linear(experts, first, x, lora1, groups, expert_ids)
         h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
-        y = _grouped_linear(experts, "down_proj", h, lora2, groups)
+        y = _grouped_linear(experts, "down_proj", h, lora2, groups, expert_ids)
         if getattr(experts, "has_post_expert_norm", False):
             y = experts.post_expert_norm(y)
         # routing weights are fp32 from the router: weight and sum in fp32, as transformers does
@@ -116,13 +130,36 @@ def _factors(w: ParamWrapper, adapters: list[str]):
     return torch.cat([a for a, _, _ in parts], 1), torch.cat([b * s for _, b, s in parts], 2), 1.0
 
 
+def _dispatched(experts) -> bool:
+    """Whether the module's forward is transformers' experts dispatch itself (the function that
+    `use_experts_implementation` installs), not a subclass's forward around it. 4-bit experts
+    (finetune/qlora/experts.py) are a subclass of the family's class: that class is asked."""
+    cls = type(experts)
+    if getattr(experts, "grouped_linear", None) is not None:
+        cls = cls.__mro__[1]
+    code = getattr(cls.forward, "__code__", None)
+    return code is not None and code.co_filename == moe_integration.__file__ and hasattr(cls.forward, "__wrapped__")
+
+
+def layout_problem(experts) -> str | None:
+    """Why the fast path cannot stand in for this experts module's forward (None if it can)."""
+    name = type(experts).__name__
+    if not hasattr(experts, "has_gate") or not hasattr(experts, "_apply_gate"):
+        return (f"{name} is not a transformers @use_experts_implementation experts module (no routed "
+                "(hidden_states, top_k_index, top_k_weights) forward to stand in for)")
+    if not _dispatched(experts):
+        # e.g. Ergo's experts repeat each token per route and normalise around the dispatched call;
+        # standing in for the dispatch alone would skip that
+        return f"{name} overrides the dispatched experts forward with its own code around it"
+    return None
+
+
 def _static_problem(wrapper) -> str | None:
     """Why this wrapped module can never take the fast path (None if it can)."""
     nest, experts = _nest(wrapper)
-    if not hasattr(experts, "has_gate") or not hasattr(experts, "_apply_gate"):
-        return f"{type(experts).__name__} is not a transformers @use_experts_implementation experts module"
-    if experts.has_bias or experts.is_transposed:
-        return f"{type(experts).__name__} has expert biases or transposed weights (not implemented)"
+    problem = layout_problem(experts)
+    if problem:
+        return problem
     names = {"gate_up_proj" if experts.has_gate else "up_proj", "down_proj"}
     if any(w.parameter_name not in names or len(shape_of(w.get_param())) != 3 for w in nest):
         return f"LoRA on {type(experts).__name__} targets parameters other than {sorted(names)}"

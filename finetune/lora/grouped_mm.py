@@ -70,18 +70,20 @@ def expert_groups(expert_ids: torch.Tensor, num_experts: int, loop: bool):
 
 
 class StackedWeight:
-    """The base matmul of a 16-bit fused (E, out, in) expert weight."""
+    """The base matmul of a 16-bit fused expert weight: (E, out, in), or (E, in, out) when
+    `transposed` (the experts module's `is_transposed`: gpt-oss, Aria)."""
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, transposed: bool = False):
         self.weight = weight
+        self.transposed = transposed
 
     def forward(self, x, groups):
-        """x·W_eᵀ per group: (S, in) -> (S, out)."""
-        return gmm(x, self.weight.transpose(1, 2), groups)
+        """x·W_eᵀ per group (W_e as (out, in)): (S, in) -> (S, out)."""
+        return gmm(x, self.weight if self.transposed else self.weight.transpose(1, 2), groups)
 
     def input_grad(self, dy, groups):
         """dy·W_e per group: (S, out) -> (S, in)."""
-        return gmm(dy, self.weight, groups)
+        return gmm(dy, self.weight.transpose(1, 2) if self.transposed else self.weight, groups)
 
 
 class _LoraGroupedLinear(torch.autograd.Function):

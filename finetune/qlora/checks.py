@@ -10,7 +10,7 @@ from __future__ import annotations
 from finetune import distributed, runs
 from finetune.errors import Problem, UserError
 from finetune.lora.targets import lora_config, resolve_targets
-from finetune.qlora.experts import STOCK_PATH
+from finetune.qlora.experts import STOCK_PATH, refuse_unserved_experts
 from finetune.qlora.nf4 import require_bitsandbytes
 
 
@@ -42,9 +42,17 @@ def recipe_problems(recipe, own_model=None) -> list:
 
 
 def parameter_target_problems(recipe, targets, model, moe) -> list:
-    """4-bit DPO stacks its adapter on the SFT one, and PEFT allows several adapters on raw
-    parameters (target_parameters: experts, router LoRA) only if they all target the same ones."""
-    if not recipe.model.quantized or not isinstance(recipe.from_run, str) or not recipe.from_run:
+    """Checks against the (meta) model: its experts must be ones the fast expert path serves (4-bit
+    experts run nowhere else); and 4-bit DPO stacks its adapter on the SFT one, and PEFT allows
+    several adapters on raw parameters (target_parameters: experts, router LoRA) only if they all
+    target the same ones."""
+    if not recipe.model.quantized:
+        return []
+    try:
+        refuse_unserved_experts(model)
+    except UserError as exc:
+        return exc.problems
+    if not isinstance(recipe.from_run, str) or not recipe.from_run:  # from_model or a wrong type (reported)
         return []
     try:
         parent = runs.read_run(recipe.from_run)

@@ -2,8 +2,9 @@
 
     finetune sft recipes/mixtral-8x7b/sft-qlora.yaml      # model.quantization: nf4
 
-Each expert's matrix of `gate_up_proj` (E, 2I, H) and `down_proj` (E, H, I) is quantized
-(finetune/qlora/nf4.py) into non-persistent buffers of the experts module; the 16-bit parameter
+Each expert's matrix of `gate_up_proj` (E, 2I, H) and `down_proj` (E, H, I) (or (E, H, 2I) and
+(E, I, H) where the module says `is_transposed`: gpt-oss) is quantized, in the orientation it is
+stored in, (finetune/qlora/nf4.py) into non-persistent buffers of the experts module; the 16-bit parameter
 is replaced by a one-element NaN placeholder broadcast to the original shape (PEFT still reads
 shape, dtype and device to build its 3-D LoRA factors, while anything that computes with the
 placeholder turns NaN instead of silently using wrong weights). The module becomes a subclass
@@ -11,7 +12,7 @@ that carries its own grouped linear (`grouped_linear`): the fast expert path
 (finetune/lora/fast_experts.py) asks the experts module for it, so the 16-bit code never imports
 this layer. Its base matmul (`NF4Weight`) dequantizes one expert at a time, forward and
 backward, inside the one autograd function of finetune/lora/grouped_mm.py; gradients reach the
-inputs and LoRA factors only.
+inputs and LoRA factors only. Expert biases (gpt-oss) stay 16-bit parameters; the fast path adds them.
 Layer: qlora; imports lora (grouped GEMMs, fast experts' forward), moe, errors.
 """
 
@@ -19,8 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from finetune.errors import UserError
-from finetune.lora.fast_experts import experts_forward
+from finetune.errors import Problem, UserError
+from finetune.lora.fast_experts import experts_forward, layout_problem
 from finetune.lora.grouped_mm import grouped_linear
 from finetune.moe import expert_weight_names, experts_modules
 from finetune.qlora.nf4 import dequantize_expert, quantize_per_expert
@@ -34,22 +35,30 @@ def is_nf4(experts) -> bool:
 
 
 class NF4Weight:
-    """The base matmul of one NF4 expert weight: x·W_eᵀ and dy·W_e per group, W_e dequantized just in time."""
+    """The base matmul of one NF4 expert weight: x·W_eᵀ and dy·W_e per group (W_e as (out, in)),
+    W_e dequantized just in time. Each expert is stored in the parameter's own orientation, so a
+    transposed layout ((E, in, out), `is_transposed`: gpt-oss) multiplies the other way round."""
 
     def __init__(self, experts, name: str):
         self.experts, self.name = experts, name
+        self.transposed = experts.is_transposed
+
+    def _expert(self, e, dtype, for_input_grad: bool):
+        w = dequantize_expert(self.experts, self.name, e, dtype)  # stored (out, in), or (in, out) if transposed
+        return w if self.transposed != for_input_grad else w.t()
 
     def forward(self, x, groups):
-        out_features = self.experts.nf4["weights"][self.name]["shape"][0]
-        y = x.new_zeros(x.shape[0], out_features)
+        shape = self.experts.nf4["weights"][self.name]["shape"]
+        y = x.new_zeros(x.shape[0], shape[1] if self.transposed else shape[0])
         for e, s, t in groups[2]:
-            torch.mm(x[s:t], dequantize_expert(self.experts, self.name, e, x.dtype).t(), out=y[s:t])
+            torch.mm(x[s:t], self._expert(e, x.dtype, False), out=y[s:t])
         return y
 
     def input_grad(self, dy, groups):
-        dx = dy.new_zeros(dy.shape[0], self.experts.nf4["weights"][self.name]["shape"][1])
+        shape = self.experts.nf4["weights"][self.name]["shape"]
+        dx = dy.new_zeros(dy.shape[0], shape[0] if self.transposed else shape[1])
         for e, s, t in groups[2]:
-            torch.mm(dy[s:t], dequantize_expert(self.experts, self.name, e, dy.dtype), out=dx[s:t])
+            torch.mm(dy[s:t], self._expert(e, dy.dtype, True), out=dx[s:t])
         return dx
 
 
@@ -78,18 +87,26 @@ def _nf4_class(cls: type) -> type:
     return _CLASSES[cls]
 
 
+def refuse_unserved_experts(model_or_experts) -> None:
+    """A UserError if the fast expert path, the only one 4-bit experts run on, cannot serve some
+    experts module (checked on the meta model before a 4-bit load, and per module as it quantizes)."""
+    for experts in experts_modules(model_or_experts):
+        problem = layout_problem(experts)
+        if problem:
+            raise UserError([Problem("model.quantization", "4-bit experts run on the fast expert path only, and it "
+                                     f"cannot serve this model: {problem}; remove the key to train it in 16-bit")])
+
+
 @torch.no_grad()
 def quantize_expert_weight(experts, name: str, w: torch.Tensor, compute_dtype: torch.dtype, staged: bool = False) -> int:
-    """Quantize one fused (E, out, in) weight of an experts module, expert by expert, into its NF4
+    """Quantize one fused (E, out, in) or (E, in, out) weight of an experts module, expert by expert, into its NF4
     buffers, and put the placeholder in the parameter's place; returns the bytes the buffers hold.
     Called by the loader as each fused tensor arrives (finetune/qlora/loading.py), or on a loaded
     module (quantize_experts_module). The module becomes the 4-bit class once all its weights are in.
 
     staged: keep the buffers aside until `register_staged` (transformers' loader replaces every
     non-persistent buffer with an empty one after loading, so they are registered after it)."""
-    if experts.has_bias or experts.is_transposed:
-        raise UserError(f"model.quantization: {type(experts).__name__} has expert biases or transposed weights; "
-                        "4-bit experts support the Mixtral layout only")
+    refuse_unserved_experts(experts)
     buffers, nested_blocksize = quantize_per_expert(w, name)
     if staged:
         experts.__dict__.setdefault("nf4_staged", {}).update(buffers)

@@ -30,9 +30,9 @@ from accelerate import PartialState
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from finetune.errors import UserError
-from finetune.modeling import resolve_dtype
+from finetune.modeling import load_config, meta_model, resolve_dtype, ships_mxfp4
 from finetune.moe import experts_modules, is_fused_expert_weight
-from finetune.qlora.experts import is_nf4, quantize_expert_weight, quantize_experts, register_staged
+from finetune.qlora.experts import is_nf4, quantize_expert_weight, quantize_experts, refuse_unserved_experts, register_staged
 from finetune.qlora.nf4 import QUANT_TYPE, require_bitsandbytes
 
 log = logging.getLogger("finetune")
@@ -76,6 +76,20 @@ def _quantizer_class():
             return out
 
     class ExpertsNF4Quantizer(Bnb4BitHfQuantizer):
+        mxfp4 = False  # set for an MXFP4 checkpoint (gpt-oss): its experts arrive as blocks + scales
+
+        def get_weight_conversions(self):
+            # MXFP4 experts are decoded by transformers' own op (what Mxfp4Config(dequantize=True)
+            # runs), per fused weight as it is read; the decoded 16-bit tensor then goes to the NF4 op
+            if not self.mxfp4:
+                return super().get_weight_conversions()
+            from transformers.core_model_loading import WeightConverter  # needs bitsandbytes (optional extra)
+            from transformers.integrations.mxfp4 import Mxfp4Dequantize  # only for MXFP4 checkpoints
+            from transformers.quantizers.quantizer_mxfp4 import Mxfp4HfQuantizer  # only for MXFP4 checkpoints
+
+            return super().get_weight_conversions() + [
+                WeightConverter(names, param, [Mxfp4Dequantize(self)]) for param, names in Mxfp4HfQuantizer.serialized_names.items()]
+
         def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
             module, attr = get_module_from_name(model, param_name)
             return is_fused_expert_weight(module, attr) or super().param_needs_quantization(model, param_name, **kwargs)
@@ -87,12 +101,13 @@ def _quantizer_class():
 
 
 @contextlib.contextmanager
-def experts_quantized_on_load():
-    """Within: from_pretrained with a 4-bit BitsAndBytesConfig also quantizes the fused experts."""
+def experts_quantized_on_load(mxfp4: bool = False):
+    """Within: from_pretrained with a 4-bit BitsAndBytesConfig also quantizes the fused experts
+    (mxfp4: decoded from the checkpoint's MXFP4 blocks first)."""
     from transformers.quantizers import auto  # transformers' quantizer registry; used only on the 4-bit path (bitsandbytes extra)
 
     stock = auto.AUTO_QUANTIZER_MAPPING[BNB_4BIT]
-    auto.AUTO_QUANTIZER_MAPPING[BNB_4BIT] = _quantizer_class()
+    auto.AUTO_QUANTIZER_MAPPING[BNB_4BIT] = type("ExpertsNF4Quantizer", (_quantizer_class(),), {"mxfp4": mxfp4})
     try:
         yield
     finally:
@@ -106,10 +121,16 @@ def load_quantized(section, device_map=None):
     dtype = resolve_dtype(section.dtype)
     if device_map is None and torch.cuda.is_available():
         device_map = {"": PartialState().device}  # bitsandbytes quantizes on the device it loads to
+    config = load_config(section)
+    refuse_unserved_experts(meta_model(config, section.trust_remote_code))  # before minutes of loading
+    mxfp4 = ships_mxfp4(config)
+    if mxfp4:  # one quantization per load: the MXFP4 config gives way to the 4-bit one, whose loader decodes MXFP4
+        del config.quantization_config
+        log.info("%s ships its experts in MXFP4: decoded and quantized to NF4 as they load", section.name_or_path)
     try:
-        with experts_quantized_on_load():
+        with experts_quantized_on_load(mxfp4):
             model = AutoModelForCausalLM.from_pretrained(
-                section.name_or_path, dtype=dtype, attn_implementation=section.attn_implementation,
+                section.name_or_path, config=config, dtype=dtype, attn_implementation=section.attn_implementation,
                 trust_remote_code=section.trust_remote_code, device_map=device_map, quantization_config=bnb_config(dtype),
             )
     except (OSError, ValueError) as exc:
