@@ -327,8 +327,8 @@ def greedy_answers(run: Path, base: Path, prompts: list[str], max_new_tokens: in
 
 @pytest.mark.slow
 # ZeRO-3 passed too (132 s, bench/RESULTS.md "Issue 29"); CI runs FSDP2 only, for #29's CI budget;
-# FINETUNE_SLOW_ZERO3=1 adds ZeRO-3
-@pytest.mark.parametrize("sharding", ["fsdp2", "zero3"] if os.environ.get("FINETUNE_SLOW_ZERO3") else ["fsdp2"])
+# FINETUNE_SLOW_ALL=1 adds ZeRO-3
+@pytest.mark.parametrize("sharding", ["fsdp2", "zero3"] if os.environ.get("FINETUNE_SLOW_ALL") else ["fsdp2"])
 def test_sharded_early_stopping_keeps_the_best_checkpoints_adapter(tmp_path, tiny_mixtral, sft_file, sharding):
     """Under FSDP2 and ZeRO-3 the Trainer reloads the best checkpoint's sharded model at the end and
     the run's adapter is gathered from it: equal, byte for byte, to a run that stopped at that step."""

@@ -14,6 +14,7 @@ process baseline.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -26,6 +27,8 @@ GiB = 2**30
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("FINETUNE_SLOW_ALL"), reason="7 minutes on 2 cores, over issue 20's CI budget: "
+                    "FINETUNE_SLOW_ALL=1 runs it (passed in 426 s, bench/RESULTS.md)")
 def test_mxfp4_4bit_load_is_bounded(tmp_path):
     path = qlora_memory.make_random_gpt_oss_mxfp4(tmp_path / "ckpt", layers=16, max_shard_size="200MB")
     decoded_experts = 2 * qlora_memory.params_of(str(path))["experts"]  # bytes of the experts in bfloat16
