@@ -31,11 +31,17 @@ For every chat row of the prompts file ({"prompt": [messages], ...}):
    the same way and compared with transformers on the unperturbed export. It must disagree.
 With --quantize, the f32/bf16 GGUF is also quantized by llama.cpp's `llama-quantize` to each type
 named and compared the same way; those counts are reported, not required to be complete (a
-quantized model computes another function). It reports how many prompts tokenize to identical ids and generate identical token ids, for the
-export and for the control. Exit status 1 when the export differs on any prompt or the control
-agrees on all. (llama.cpp's own `llama-completion` tool was tried first: it prints the generated
-text through an asynchronous logger that can lose the last pieces at exit under load, llama.cpp
-issue 22142, so the bindings are used.)
+quantized model computes another function).
+
+It reports how many prompts tokenize to identical ids and generate identical token ids, for the
+export and for the control, and for every prompt whose tokens differ, transformers' logit gap at
+the first differing token between its token and llama.cpp's (bench/parity.py's
+`first_differences`): a gap near 0 is a near-tie that float32 summation order breaks either way.
+Exit status 1 when prompt ids or answers differ on any prompt, fewer than --min-identical (95%,
+the issue's bar) of the prompts are identical over all tokens without stopping, or the control
+agrees on every prompt. (llama.cpp's own `llama-completion` tool was tried first: it prints the
+generated text through an asynchronous logger that can lose the last pieces at exit under load,
+llama.cpp issue 22142, so the bindings are used.)
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from parity import agreement, agrees, chat_rows, perturb, transformers_greedy  # bench/ is on sys.path as a script
+from parity import agreement, chat_rows, first_differences, perturb, transformers_greedy  # bench/ is on sys.path as a script
 from tqdm import tqdm
 from transformers import AutoConfig
 
@@ -124,19 +130,22 @@ def check(export: Path, llama_cpp: Path, converter_python: str, rows: list[dict]
     changed = perturb(export, work / "export-perturbed", perturb_scale)
     convert(work / "export-perturbed", llama_cpp, converter_python, work / "export-perturbed.gguf", dtype)
     control = llama_cpp_answers(work / "export-perturbed.gguf", hf, bos, eos, max_new_tokens, n_ctx, "llama.cpp, perturbed")
+    rows_out = [{"prompt": a["text"], "transformers_prompt_ids": a["prompt_ids"], "llama_prompt_ids": b["prompt_ids"],
+                 "transformers": a["ids"], "llama": b["ids"], "llama_answer": b["answer"], "llama_perturbed": c["ids"],
+                 "transformers_no_stop": a["no_stop_ids"], "llama_no_stop": b["no_stop_ids"]}
+                for a, b, c in zip(hf, served, control)]
     return {"export": str(export), "dtype": str(dtype).removeprefix("torch."), "gguf_type": GGUF_TYPES[dtype],
             "max_new_tokens": max_new_tokens,
             "export_vs_transformers": agreement(hf, served),
             "perturbed_vs_transformers": {**agreement(hf, control), "perturbed_tensors": len(changed), "scale": perturb_scale},
             "quantized_vs_transformers": quantized_results, "gguf_bytes": (work / "export.gguf").stat().st_size,
-            "rows": [{"prompt": a["text"], "transformers_prompt_ids": a["prompt_ids"], "llama_prompt_ids": b["prompt_ids"],
-                      "transformers": a["ids"], "llama": b["ids"], "llama_answer": b["answer"], "llama_perturbed": c["ids"],
-                      "transformers_no_stop": a["no_stop_ids"], "llama_no_stop": b["no_stop_ids"]}
-                     for a, b, c in zip(hf, served, control)]}
+            "first_differences": first_differences(export, rows_out, "transformers_no_stop", "llama_no_stop"),
+            "rows": rows_out}
 
 
-def report(result: dict, label: str) -> bool:
-    """Prints the counts; True when the export agrees on every prompt and the control does not."""
+def report(result: dict, label: str, min_identical: float = 0.95) -> bool:
+    """Prints the counts; True when prompt ids and answers agree on every prompt, the 32 tokens without
+    stopping on at least `min_identical` of them, and the control does not agree on all."""
     ok, bad = result["export_vs_transformers"], result["perturbed_vs_transformers"]
     n, k = ok["prompts"], result["max_new_tokens"]
     print(f"{label}: llama.cpp ({result['gguf_type']} GGUF) vs transformers on {n} prompts: prompt ids identical "
@@ -144,6 +153,9 @@ def report(result: dict, label: str) -> bool:
           f"({ok['distinct_transformers_answers']} distinct answers, {ok['generated_tokens_compared']} tokens), "
           f"{k} tokens without stopping at EOS identical {ok['no_stop_identical']}/{n} "
           f"({ok['no_stop_tokens_identical']}/{ok['no_stop_tokens_compared']} tokens)")
+    for d in result["first_differences"]:
+        print(f"  differs at token {d['position']}{' (after an EOS)' if d.get('after_eos') else ''}: transformers' logit "
+              f"gap between its token and llama.cpp's {d['logit_gap']}, prompt {d['prompt']!r}")
     print(f"{label}: negative control (perturbed copy, {bad['perturbed_tensors']} tensors, noise {bad['scale']} x std): "
           f"prompt ids identical {bad['prompt_ids_identical']}/{n}, greedy answers identical "
           f"{bad['generated_ids_identical']}/{n}, without stopping {bad['no_stop_identical']}/{n} "
@@ -152,12 +164,8 @@ def report(result: dict, label: str) -> bool:
         print(f"{label}: {kind} GGUF ({q['gguf_bytes']:,} bytes, the unquantized {result['gguf_bytes']:,}) vs transformers: "
               f"greedy answers identical {q['generated_ids_identical']}/{n}, without stopping {q['no_stop_identical']}/{n} "
               f"({q['no_stop_tokens_identical']}/{q['no_stop_tokens_compared']} tokens)")
-    for row in result["rows"]:
-        if row["transformers"] != row["llama"] or row["transformers_prompt_ids"] != row["llama_prompt_ids"] \
-                or row["transformers_no_stop"] != row["llama_no_stop"]:
-            print(json.dumps({k: row[k] for k in ("prompt", "transformers_prompt_ids", "llama_prompt_ids",
-                                                  "transformers_no_stop", "llama_no_stop")}))
-    return agrees(ok) and not agrees(bad)
+    exact = ok["prompt_ids_identical"] == ok["generated_ids_identical"] == n
+    return exact and ok["no_stop_identical"] >= min_identical * n and bad["no_stop_identical"] < n
 
 
 def main(argv=None) -> int:
@@ -171,6 +179,8 @@ def main(argv=None) -> int:
     p.add_argument("--perturb-scale", type=float, default=0.5, help="noise on the control's last layer, x each tensor's std")
     p.add_argument("--quantize", nargs="*", default=[], metavar="TYPE", help="also compare these llama-quantize types (e.g. Q8_0 Q4_K_M)")
     p.add_argument("--llama-quantize", type=Path, default=Path("llama-quantize"), help="llama.cpp's llama-quantize binary")
+    p.add_argument("--min-identical", type=float, default=0.95,
+                   help="share of prompts whose tokens without stopping must be identical (the issue's bar: 95%%)")
     p.add_argument("--work", type=Path, help="keep the GGUFs and the perturbed copy here (default: a temporary dir)")
     p.add_argument("--json", type=Path, help="write the counts and per-prompt ids here")
     args = p.parse_args(argv)
@@ -182,7 +192,7 @@ def main(argv=None) -> int:
         result = check(args.export.resolve(), args.llama_cpp, args.converter_python, rows, args.max_new_tokens,
                        args.perturb_scale, work, quantized=(args.llama_quantize, args.quantize))
     result["prompts_file"] = str(args.prompts)
-    ok = report(result, str(args.export))
+    ok = report(result, str(args.export), args.min_identical)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     return 0 if ok else 1

@@ -98,6 +98,30 @@ def agreement(hf: list[dict], served: list[dict]) -> dict:
             "no_stop_tokens_identical": sum(x == y for a, b in zip(hf, served) for x, y in zip(a["no_stop_ids"], b["no_stop_ids"]))}
 
 
+@torch.no_grad()
+def first_differences(export: Path, rows: list[dict], ours: str, theirs: str) -> list[dict]:
+    """Where two greedy sequences (rows[i][ours] from transformers, rows[i][theirs] from an engine, after
+    rows[i]["transformers_prompt_ids"]) first differ: the position, whether an EOS came before it, and
+    transformers' logit of its own token minus its logit of the engine's there. A gap near 0 is a tie
+    that float32 summation order can break either way; a large one is a different computation."""
+    model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
+    eos = eos_ids(model.generation_config)
+    out = []
+    for row in rows:
+        a, b = row[ours], row[theirs]
+        if a == b:
+            continue
+        k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        if k == min(len(a), len(b)):  # one is a prefix of the other: no token to compare
+            out.append({"prompt": row["prompt"], "position": k, "logit_gap": None})
+            continue
+        logits = model(input_ids=torch.tensor([row["transformers_prompt_ids"] + a[:k]])).logits[0, -1]
+        out.append({"prompt": row["prompt"], "position": k, "after_eos": any(t in eos for t in a[:k]),
+                    "transformers_token": a[k], "engine_token": b[k],
+                    "logit_gap": round(float(logits[a[k]] - logits[b[k]]), 6)})
+    return out
+
+
 def agrees(result: dict) -> bool:
     """Every prompt identical: prompt ids, greedy answer and the ids without stopping."""
     n = result["prompts"]
