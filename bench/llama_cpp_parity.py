@@ -56,7 +56,7 @@ from pathlib import Path
 import torch
 from parity import agreement, chat_rows, first_differences, perturb, transformers_greedy  # bench/ is on sys.path as a script
 from tqdm import tqdm
-from transformers import AutoConfig
+from transformers import AutoConfig, AutoTokenizer
 
 GGUF_TYPES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 
@@ -113,8 +113,6 @@ def check(export: Path, llama_cpp: Path, converter_python: str, rows: list[dict]
     of bench/parity.py's `agreement` for both, and every row's ids. `hf`: transformers' side
     (`transformers_greedy`'s result) when the caller has it already. `quantized`: llama-quantize's path and
     the types (Q8_0, Q4_K_M, ...) whose quantized GGUFs are compared too (reported, not a pass/fail)."""
-    from transformers import AutoTokenizer
-
     config = AutoConfig.from_pretrained(export)
     dtype = config.dtype if isinstance(config.dtype, torch.dtype) else getattr(torch, str(config.dtype))
     bos = AutoTokenizer.from_pretrained(export).bos_token

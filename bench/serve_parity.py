@@ -281,5 +281,6 @@ def main(argv=None) -> int:
         args.json.write_text(json.dumps(result, indent=1))
     return 0 if ok else 1
 
+
 if __name__ == "__main__":
     sys.exit(main())
