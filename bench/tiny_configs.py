@@ -71,11 +71,38 @@ def text_model_type(model_type: str) -> tuple[str | None, str]:
     return None, "no AutoModelForCausalLM mapping and no separate text model"
 
 
+def tiny_overrides(config, overrides: dict, old_types: list, old_globals: dict) -> dict[int, dict]:
+    """Per-layer overrides re-keyed to the tiny depth: a layer takes the overrides of the first original
+    layer of its kind (`layer_types`), else of the same index; a shrunk size keeps its ratio to the
+    global value (Gemma-4's full-attention head_dim 512 over 256 becomes 32 over 16)."""
+    by_index = {int(k): v for k, v in overrides.items()}
+    new_types = list(getattr(config, "layer_types", None) or [])
+    out = {}
+    for i in range(config.num_hidden_layers):
+        source = old_types.index(new_types[i]) if new_types and old_types and new_types[i] in old_types else i
+        layer = {}
+        for key, value in by_index.get(source, {}).items():
+            old, new = old_globals.get(key), getattr(config, key, None)
+            if key in SIZES and isinstance(value, int) and isinstance(old, int) and isinstance(new, int) and old:
+                value = max(1, value * new // old)
+            layer[key] = value
+        if layer:
+            out[i] = layer
+    return out
+
+
 def tiny_config(model_type: str):
     """The type's config class with its sizes shrunk and its structure kept."""
     config = AutoConfig.for_model(model_type).get_text_config()
     if hasattr(config, "allow_global_per_layer_attribute_access"):
         config.allow_global_per_layer_attribute_access = True  # Gemma-4: per-layer fields read globally
+    # Heterogeneous configs (Gemma-4: full-attention layers have their own head_dim) key overrides by
+    # layer index of the full depth; take them off now and re-key them to the tiny depth at the end.
+    overrides = getattr(config, "is_heterogeneous", False) and config.to_dict().get("per_layer_config") or {}
+    old_types = list(getattr(config, "layer_types", None) or [])
+    old_globals = {k: getattr(config, k, None) for o in overrides.values() for k in o}
+    if overrides:
+        config.per_layer_config = None
     for key, value in SIZES.items():
         if hasattr(config, key) and not isinstance(getattr(config, key), (list, dict)):
             setattr(config, key, value)
@@ -106,9 +133,8 @@ def tiny_config(model_type: str):
         value = getattr(config, key, None)
         if isinstance(value, list) and value:
             setattr(config, key, (value * layers)[:layers])
-    per_layer = getattr(config, "per_layer_config", None)
-    if isinstance(per_layer, dict):  # Gemma-4: overrides keyed by layer index, cut to the new depth
-        config.per_layer_config = {k: v for k, v in per_layer.items() if int(k) < layers}
+    if overrides:
+        config.per_layer_config = tiny_overrides(config, overrides, old_types, old_globals)
     if getattr(config, "decoder_sparse_step", None):
         config.decoder_sparse_step = 1
     if hasattr(config, "interleave_moe_layer_step"):
