@@ -30,7 +30,7 @@ import tiny_configs
 import torch
 import transformers
 import yaml
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from finetune import runs
 from finetune.export import export
@@ -61,6 +61,14 @@ def tiny_checkpoint(model_type: str, directory: Path) -> Path:
     if getattr(config, "enable_moe_block", None) is False:
         config.enable_moe_block = True  # Gemma-4: the MoE block is a config switch, off by default
         config.num_experts, config.top_k_experts, config.moe_intermediate_size = 4, 2, 32
+    # AutoTokenizer picks the family's tokenizer class from config.json's model_type, and some add
+    # special tokens the bundled vocabulary lacks (Qwen3.5's `<|endoftext|>` pad, id 956): the tiny
+    # model's embedding covers every id its tokenizer makes, as a released checkpoint's does.
+    directory.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(directory)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(TOKENIZER / name, directory / name)
+    config.vocab_size = max(config.vocab_size, len(AutoTokenizer.from_pretrained(directory)))
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).float()
     # random init leaves some families' norms/biases at zero or one; a little noise makes every expert matter
@@ -68,8 +76,6 @@ def tiny_checkpoint(model_type: str, directory: Path) -> Path:
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     model.save_pretrained(directory)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        shutil.copy(TOKENIZER / name, directory / name)
     return directory
 
 
