@@ -43,8 +43,6 @@ def test_curated_rows_match_the_committed_matrix(rows):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 19 open: qwen3_5_moe, olmoe, llama4 and gemma4 fail a column "
-                                       "(docs/support-matrix.md names each reason)")
 def test_every_curated_family_passes_every_column(rows):
     curated, regenerated, _ = rows
     failing = {t: regenerated[t] for t in curated if not all(c.startswith("pass") for c in regenerated[t][1:])}
