@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 
 def shape_of(param) -> tuple:
@@ -103,24 +104,33 @@ class Router:
         return ".".join(parts[numbers[0] + 1:]) if numbers else self.name
 
 
-def router_weight_name(router: nn.Module, experts: int) -> str | None:
-    """The router's 2-D weight with one row per expert, relative to the router module: `weight`,
-    or `proj.weight` where the router wraps one Linear (Gemma-4)."""
+def router_weight_name(router: nn.Module, experts: int, exact: bool = True) -> str | None:
+    """The router's 2-D weight with one row per expert, relative to the router module: `weight`, or a
+    Linear's inside it (Gemma-4's `proj.weight`, Zaya's MLP router `router_mlp.out_proj.weight`).
+    With exact=False also one row per choice where the router chooses among more than the fused
+    experts, at most twice as many (LongCat-Flash's zero-computation experts, Inkling's shared
+    experts, Zaya's extra choice): rows in [experts, 2 * experts]."""
     router = unwrap(router)
     candidates = [("weight", getattr(router, "weight", None))]
-    candidates += [(f"{n}.weight", getattr(unwrap(c), "weight", None)) for n, c in router.named_children()]
+    candidates += [(f"{n}.weight", getattr(unwrap(m), "weight", None)) for n, m in router.named_modules()
+                   if n and "lora_" not in n and "modules_to_save" not in n and "original_module" not in n
+                   and not n.endswith("base_layer")]
     for name, weight in candidates:
-        if isinstance(weight, torch.Tensor) and len(shape_of(weight)) == 2 and shape_of(weight)[0] == experts:
-            return name
+        if isinstance(weight, torch.Tensor) and len(shape_of(weight)) == 2:
+            rows = shape_of(weight)[0]
+            if rows == experts or (not exact and experts < rows <= 2 * experts):
+                return name
     return None
 
 
-def _router_child(block: nn.Module, experts: int) -> tuple[str, nn.Module] | None:
-    for child_name, child in block.named_children():
-        if child_name == "experts":
-            continue
-        if router_weight_name(child, experts):
-            return child_name, child
+def _router_child(block: nn.Module, experts: int) -> tuple[str, nn.Module, str] | None:
+    for exact in (True, False):  # a child with one row per expert wins over one with extra choices
+        for child_name, child in block.named_children():
+            if child_name == "experts":
+                continue
+            weight = router_weight_name(child, experts, exact)
+            if weight:
+                return child_name, child, weight
     return None
 
 
@@ -135,11 +145,10 @@ def find_routers(model: nn.Module) -> list[Router]:
         hit = _router_child(block, count) if count else None
         if hit is None:
             continue
-        child_name, child = hit
+        child_name, child, weight = hit
         numbers = re.findall(r"(?:^|\.)(\d+)(?:\.|$)", block_name)
         layer = int(numbers[-1]) if numbers else len(found)
-        found.append(Router(layer, f"{block_name}.{child_name}" if block_name else child_name, child,
-                            router_weight_name(child, count)))
+        found.append(Router(layer, f"{block_name}.{child_name}" if block_name else child_name, child, weight))
     return sorted(found, key=lambda r: r.layer)
 
 
@@ -153,12 +162,17 @@ ATTENTION_NAME = re.compile(r"attn|attention", re.IGNORECASE)
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, list[nn.Module]]:
-    """(path, layers) of the longest ModuleList: the decoder stack, whatever it is called."""
-    best = ("", [])
+    """(path, layers) of the decoder stack, whatever it is called: the longest ModuleList of
+    transformers decoder layers (GradientCheckpointingLayer), else the longest ModuleList. A layer's
+    own lists (LongCat-Flash's two attentions per layer) may be longer than a shallow stack."""
+    best, best_layers = ("", []), ("", [])
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) > len(best[1]):
             best = (name, list(module))
-    return best
+        if (isinstance(module, nn.ModuleList) and len(module) > len(best_layers[1])
+                and all(isinstance(unwrap(m), GradientCheckpointingLayer) for m in module)):
+            best_layers = (name, list(module))
+    return best_layers if best_layers[1] else best
 
 
 def _linears(module: nn.Module, prefix: str) -> list[str]:
