@@ -39,7 +39,9 @@ SIZES = {
     "vocab_size_per_layer_input": VOCAB, "qk_head_dim": 16, "n_group": 1, "topk_group": 1, "num_expert_group": 1,
     "zero_expert_num": 2,  # LongCat-Flash's zero-computation experts
     "mamba_n_heads": 4, "mamba_d_head": 32, "mamba_d_state": 16, "mamba_num_heads": 4, "mamba_head_dim": 32,
-    "ssm_state_size": 16,
+    "ssm_state_size": 16, "n_groups": 1,  # Mamba-2 groups must divide its heads (Nemotron-H)
+    # DeepSeek-V3.2/V4 sparse-attention indexer and grouped output projection
+    "index_n_heads": 2, "index_head_dim": 16, "index_topk": 16, "o_lora_rank": 16, "o_groups": 2,
 }
 # Sizes some classes default to None although their model needs them; set only when None.
 FILL_NONE = {
@@ -49,7 +51,9 @@ FILL_NONE = {
 }
 SUBLAYERS = {"longcat_flash": 2}
 # Layer kinds a class leaves None by default (its released configs list them), first to last.
-LAYER_KINDS = {"lfm2_moe": ["conv", "full_attention"]}
+# Granite-4.0-MoE-hybrid's class default is Mamba only, which its attention-mask code cannot run.
+LAYER_KINDS = {"lfm2_moe": ["conv", "full_attention"], "granitemoehybrid": ["linear_attention", "full_attention"]}
+TOP_K = ("num_experts_per_tok", "moe_k", "top_k", "moe_topk")
 # kept off when the class has them off (None), shrunk when on
 WINDOWS = {"sliding_window": 32, "attention_chunk_size": 32}
 LAYERS = 2  # one MoE layer after each dense-first layer kept (3 with first_k_dense_replace)
@@ -148,8 +152,10 @@ def tiny_config(model_type: str):
     if overrides:
         config.per_layer_config = None
     for key, value in SIZES.items():
-        if hasattr(config, key) and not isinstance(getattr(config, key), (list, dict)):
-            setattr(config, key, value)
+        old = getattr(config, key, None)
+        if hasattr(config, key) and not isinstance(old, (list, dict)):
+            # a family routing to fewer experts per token keeps its top-k (Zaya supports top-1 only)
+            setattr(config, key, min(value, old) if key in TOP_K and isinstance(old, int) and old > 0 else value)
     for key, value in FILL_NONE.items():
         if hasattr(config, key) and getattr(config, key) is None:
             setattr(config, key, value)
@@ -174,7 +180,7 @@ def tiny_config(model_type: str):
     if isinstance(getattr(config, "mlp_only_layers", None), list) and config.mlp_only_layers:
         config.mlp_only_layers = [0]
         layers = 3
-    if config.model_type in LAYER_KINDS and getattr(config, "layer_types", None) is None:
+    if config.model_type in LAYER_KINDS and len(set(getattr(config, "layer_types", None) or [])) < 2:
         kinds = LAYER_KINDS[config.model_type]
         config.layer_types = [kinds[0]] * (config.num_hidden_layers - 1) + [kinds[-1]]
     n_layers = config.num_hidden_layers
