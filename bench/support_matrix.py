@@ -16,7 +16,7 @@ import io
 import json
 import logging
 import re
-import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -27,22 +27,21 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
 import tiny_configs
+import tiny_models
 import torch
 import transformers
 import yaml
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from finetune import runs
 from finetune.export import export
 from finetune.load import chain
 from finetune.moe import experts_modules, find_routers, structure
 from finetune.recipe import read_recipe
-from finetune.routing.capture import RoutingCapture
 from finetune.stages.dpo import run_dpo
 from finetune.stages.sft import run_sft
 from finetune.validate import check
 
-TOKENIZER = REPO / "model" / "tiny-moe"
 DATA = REPO / "data" / "tiny-tasks"
 MATRIX = REPO / "docs" / "support-matrix.md"
 CURATED = ["mixtral", "qwen2_moe", "qwen3_moe", "qwen3_5_moe", "qwen3_next", "olmoe", "deepseek_v3", "gpt_oss",
@@ -51,69 +50,10 @@ COLUMNS = ["validate", "sft", "dpo", "export", "reload", "experts changed", "rou
 IDS = torch.tensor([[1, 9, 4, 17, 22, 30, 5, 2, 40, 41, 42, 43]])
 # float32 end to end: the export and the unmerged chain differ only by summation order
 LOGITS_ATOL = 1e-4
-# tiny checkpoint seeds tried in order, and the least share of an even split each expert must get
-SEEDS, MIN_SHARE, SFT_ROWS = range(8), 0.25, 32
 
 
 class Failed(Exception):
     """A check failed; the message is the matrix cell."""
-
-
-def tiny_checkpoint(model_type: str, directory: Path) -> tuple[Path, int]:
-    """(directory, seed) of a tiny random checkpoint with the bundled tokenizer. The seed is the first
-    of SEEDS whose random routers send every expert at least MIN_SHARE of an even share of the SFT
-    data's tokens (else the most even one): with a starved expert (OLMoE's seed 0 sent one expert
-    0.6% of layer 1's tokens) a 3-step run cannot change it, and "every expert changed" would test
-    the random init instead of the export."""
-    config = tiny_configs.tiny_config(model_type)
-    if getattr(config, "enable_moe_block", None) is False:
-        config.enable_moe_block = True  # Gemma-4: the MoE block is a config switch, off by default
-        config.num_experts, config.top_k_experts, config.moe_intermediate_size = 4, 2, 32
-    # AutoTokenizer picks the family's tokenizer class from config.json's model_type, and some add
-    # special tokens the bundled vocabulary lacks (Qwen3.5's `<|endoftext|>` pad, id 956): the tiny
-    # model's embedding covers every id its tokenizer makes, as a released checkpoint's does.
-    directory.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(directory)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        shutil.copy(TOKENIZER / name, directory / name)
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    config.vocab_size = max(config.vocab_size, len(tokenizer))
-    batch = sft_batch(tokenizer)
-    best = None
-    for seed in SEEDS:
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config).float()
-        # random init leaves some families' norms/biases at zero or one; a little noise makes every expert matter
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn_like(p) * 0.02)
-        share = min_expert_share(model, batch)
-        if best is None or share > best[0]:
-            best = (share, seed, model)
-        if share >= MIN_SHARE:
-            break
-    best[2].save_pretrained(directory)
-    return directory, best[1]
-
-
-def sft_batch(tokenizer) -> dict[str, torch.Tensor]:
-    """The first SFT_ROWS conversations of the SFT data, chat-formatted and padded into one batch."""
-    rows = [json.loads(line) for line in (DATA / "sft.jsonl").read_text().splitlines()[:SFT_ROWS]]
-    texts = [tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in rows]
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return dict(tokenizer(texts, padding=True, add_special_tokens=False, return_tensors="pt"))
-
-
-def min_expert_share(model, batch) -> float:
-    """The least-routed expert's share of real tokens over all MoE layers, 1.0 = an even share
-    (1.0 where no router is found: the validate column then says why)."""
-    if not find_routers(model):
-        return 1.0
-    with RoutingCapture(model, mode="counts") as capture, torch.no_grad():
-        model(**batch)
-    counts = capture.counts.float()  # (layers, experts) top-k assignments
-    return (counts / counts.sum(1, keepdim=True) * counts.shape[1]).min().item()
 
 
 def recipe(tmp: Path, model: Path, stage: str, policy: str = "freeze", steps: int = 3) -> Path:
@@ -150,7 +90,7 @@ def run_type(model_type: str, tmp: Path) -> dict[str, str]:
     if built is None:
         return {c: how for c in COLUMNS} | {"_note": how}
     cells["_note"] = how
-    model_dir, seed = tiny_checkpoint(built, tmp / "base")
+    model_dir, seed = tiny_models.tiny_checkpoint(built, tmp / "base")
     if seed:
         cells["_note"] = f"{how or 'text'}, seed {seed}"
 
@@ -265,8 +205,8 @@ def write_matrix(path: Path, rows: dict[str, list[str]], all_types: dict[str, st
         ("Each type runs on a tiny random checkpoint derived from its config class (bench/tiny_configs.py: "
         "few layers and experts, small sizes, the bundled tokenizer's vocabulary; shared experts, dense first "
         "layers, MLA, biases, sinks and sliding windows kept; its vocabulary covers every id its tokenizer makes; "
-        f"the seed is the first of {SEEDS.start}..{SEEDS.stop - 1} whose random routers send every expert at least "
-        f"{MIN_SHARE:g} of an even share of the SFT data's tokens, named in `built as` when not 0). Columns: `finetune validate` (groups, trainable "
+        f"the seed is the first of {tiny_models.SEEDS.start}..{tiny_models.SEEDS.stop - 1} whose random routers send every "
+        f"expert at least {tiny_models.MIN_SHARE:g} of an even share of the SFT data's tokens, named in `built as` when not 0). Columns: `finetune validate` (groups, trainable "
         "count); SFT 3 steps; DPO 3 steps on that run; export with its verification; the export reloaded in plain "
         "transformers, logits equal to the unmerged chain (float32, atol 1e-4); every expert of every MoE layer "
         "changed by the export (and every shared expert); routing metrics in the SFT log; router policies train "
@@ -293,11 +233,33 @@ def write_matrix(path: Path, rows: dict[str, list[str]], all_types: dict[str, st
     return len(passing)
 
 
+class OverTime(Exception):
+    """A type ran past --max-seconds (the check it was in gets this as its cell)."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: int):
+    """Raise OverTime inside whatever check runs when `seconds` have passed (SIGALRM; 0: no limit)."""
+    def stop(*_):
+        raise OverTime(f"not finished within {seconds} s on a shared 2-core CPU (--max-seconds)")
+
+    previous = signal.signal(signal.SIGALRM, stop) if seconds else None
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        if previous is not None:
+            signal.signal(signal.SIGALRM, previous)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--types", nargs="*")
     parser.add_argument("--curated", action="store_true")
     parser.add_argument("--out", default=str(MATRIX))
+    parser.add_argument("--max-seconds", type=int, default=0,
+                        help="stop a type's checks after this long; its cell says so (0: no limit)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if "SUPPORT_MATRIX_DEBUG" in __import__("os").environ else logging.WARNING)
     all_types = tiny_configs.fused_expert_types()
@@ -308,7 +270,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     for model_type in wanted:
         t0 = time.perf_counter()
-        with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
+        with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()), time_limit(args.max_seconds):
             try:
                 cells = run_type(model_type, Path(tmp))
             except Exception as exc:  # noqa: BLE001  # building the tiny checkpoint itself failed
