@@ -72,10 +72,13 @@ def sft_batch(tokenizer) -> dict[str, torch.Tensor]:
 
 def min_expert_share(model, batch) -> float:
     """The least-routed expert's share of real tokens over all MoE layers, 1.0 = an even share
-    (1.0 where no router is found: the validate column then says why)."""
+    (1.0 where no router is found or its output cannot be read: the matrix's columns then say why)."""
     if not find_routers(model):
         return 1.0
-    with RoutingCapture(model, mode="counts") as capture, torch.no_grad():
-        model(**batch)
+    try:
+        with RoutingCapture(model, mode="counts") as capture, torch.no_grad():
+            model(**batch)
+    except TypeError:  # a router output routing capture cannot read: the routing column says so
+        return 1.0
     counts = capture.counts.float()  # (layers, experts) top-k assignments
     return (counts / counts.sum(1, keepdim=True) * counts.shape[1]).min().item()

@@ -175,13 +175,21 @@ def decoder_layers(model: nn.Module) -> tuple[str, list[nn.Module]]:
     return best_layers if best_layers[1] else best
 
 
+def plain_linear(module: nn.Module) -> bool:
+    """An nn.Linear that computes x·Wᵀ (+ b), which LoRA's B·A update adds to. A model's own Linear
+    subclass with another forward (DeepSeek-V4's grouped output projection `o_a_proj`: one block per
+    head group) is not: LoRA on it would add a full-width update of the wrong shape."""
+    own = type(module).__module__.startswith("transformers.models.") and type(module).forward is not nn.Linear.forward
+    return isinstance(module, nn.Linear) and not own
+
+
 def _linears(module: nn.Module, prefix: str) -> list[str]:
-    """Paths (under `prefix`) of every nn.Linear in `module`, PEFT wrappers looked through."""
+    """Paths (under `prefix`) of every plain nn.Linear in `module`, PEFT wrappers looked through."""
     out = []
     for name, child in unwrap(module).named_children():
         path = f"{prefix}.{name}" if prefix else name
         inner = unwrap(child)
-        if isinstance(inner, nn.Linear):
+        if plain_linear(inner):
             out.append(path)
         elif "lora_A" not in name and "modules_to_save" not in name:
             out.extend(_linears(inner, path))
