@@ -32,7 +32,7 @@ SIZES = {
     "num_attention_heads": 4, "num_key_value_heads": 2, "num_heads": 4, "n_heads": 4, "head_dim": 16,
     "num_local_experts": 4, "num_experts": 4, "n_routed_experts": 4, "moe_num_experts": 4,
     "num_experts_per_tok": 2, "moe_k": 2, "top_k": 2, "moe_topk": 2,
-    "vocab_size": VOCAB, "max_position_embeddings": 256,
+    "vocab_size": VOCAB, "unpadded_vocab_size": VOCAB, "max_position_embeddings": 256,
     "kv_lora_rank": 16, "q_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
     "linear_num_value_heads": 4, "linear_num_key_heads": 2, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
     "global_head_dim": 16, "num_global_key_value_heads": 2, "hidden_size_per_layer_input": 16,
