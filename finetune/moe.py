@@ -14,7 +14,8 @@ and 4-bit loading, so they can never disagree about what a router is:
 - the rest of a decoder layer (`structure`): its attention module (a child named or typed
   attention: `self_attn`, `linear_attn`, MLA) and every Linear under it, whatever their names;
   shared experts (the block's other children holding Linears, and its one-row gates); dense
-  MLP layers (the MLP of a layer with no MoE block: DeepSeek's `first_k_dense_replace`).
+  MLP layers (the MLP of a layer with no MoE block: DeepSeek's `first_k_dense_replace`; not a
+  convolving token mixer such as Nemotron-H's Mamba).
 PEFT wrappers (LoRA layers, modules_to_save copies) are looked through, and a parameter that
 DeepSpeed ZeRO-3 holds partitioned is measured by its `ds_shape`.
 Layer: beside modeling; imports nothing of finetune.
@@ -232,10 +233,17 @@ def structure(model: nn.Module) -> list[LayerParts]:
                     shared.extend([path] if isinstance(unwrap(part), nn.Linear) else _linears(part, path))
             elif block == prefix and name not in ("experts", routers[block].name.rsplit(".", 1)[-1]):
                 shared.extend([name] if isinstance(inner, nn.Linear) and "proj" not in name else _linears(inner, name))
-            elif block is None:
+            elif block is None and not _token_mixer(inner):
                 dense.extend(_linears(inner, name))
         out.append(LayerParts(attention, [s for s in shared if not _per_layer_input(s)], dense, block is not None))
     return out
+
+
+def _token_mixer(module: nn.Module) -> bool:
+    """A sequence mixer that is not named attention (Nemotron-H's Mamba `mixer`, LFM2's short
+    convolution): it convolves over positions, which an MLP never does. Not the `mlp` group (PEFT
+    refuses LoRA on Mamba's in/out projections)."""
+    return any(isinstance(m, nn.Conv1d) for m in module.modules())
 
 
 def _per_layer_input(path: str) -> bool:
