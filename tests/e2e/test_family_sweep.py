@@ -1,6 +1,6 @@
 """The curated MoE families end to end, regenerated and compared with the committed support matrix.
 
-Slow (13 types: 362-495 s measured on the shared 2-core CPU at load average 10-12; not measured idle):
+Slow (13 types: 205 s measured on the shared 2-core CPU at load average 8-9; not measured idle):
 run with `pytest -m slow tests/e2e/test_family_sweep.py`.
 `python bench/support_matrix.py --curated` is the same sweep; docs/support-matrix.md is its output.
 """
