@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Mxfp4Config
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Mxfp4Config, PreTrainedModel
 
 from finetune import hub
 from finetune.errors import UserError
@@ -162,6 +162,7 @@ def load_pretrained(section: ModelSection, device_map=None):
         raise UserError(f"model.name_or_path: cannot load weights from `{section.name_or_path}`: "
                         f"{_not_found(section.name_or_path) or exc}") from None
     alias_expert_count(model.config)
+    expose_backbone(model)
     return model
 
 
@@ -180,6 +181,21 @@ def dequantized(config, name: str) -> dict:
         return {}
     log.info("%s ships its experts in MXFP4: loading them dequantized (transformers' Mxfp4Config(dequantize=True))", name)
     return {"quantization_config": Mxfp4Config(dequantize=True)}
+
+
+def expose_backbone(model) -> None:
+    """Make `model.base_model` the decoder where the class's `base_model_prefix` names no attribute
+    (Llama-4's text model: prefix `language_model`, for loading from the multimodal checkpoint, while
+    its decoder sits at `model`). TRL 1.16's fused LM head takes hidden states from `base_model`;
+    on such a class that is the causal LM itself, and SFT and DPO fail (`last_hidden_state`).
+    A plain instance attribute, not a registered submodule: state dict and saving are unchanged."""
+    prefix = getattr(model, "base_model_prefix", "")
+    if not prefix or getattr(model, "base_model", None) is not model:
+        return
+    # the decoder: the one child that is itself a transformers model (Llama4TextModel)
+    bodies = [child for child in model.children() if isinstance(child, PreTrainedModel)]
+    if len(bodies) == 1:
+        model.__dict__[prefix] = bodies[0]
 
 
 def alias_expert_count(config) -> None:

@@ -14,7 +14,8 @@ and 4-bit loading, so they can never disagree about what a router is:
 - the rest of a decoder layer (`structure`): its attention module (a child named or typed
   attention: `self_attn`, `linear_attn`, MLA) and every Linear under it, whatever their names;
   shared experts (the block's other children holding Linears, and its one-row gates); dense
-  MLP layers (the MLP of a layer with no MoE block: DeepSeek's `first_k_dense_replace`).
+  MLP layers (the MLP of a layer with no MoE block: DeepSeek's `first_k_dense_replace`; not a
+  convolving token mixer such as Nemotron-H's Mamba).
 PEFT wrappers (LoRA layers, modules_to_save copies) are looked through, and a parameter that
 DeepSpeed ZeRO-3 holds partitioned is measured by its `ds_shape`.
 Layer: beside modeling; imports nothing of finetune.
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 
 def shape_of(param) -> tuple:
@@ -103,24 +105,33 @@ class Router:
         return ".".join(parts[numbers[0] + 1:]) if numbers else self.name
 
 
-def router_weight_name(router: nn.Module, experts: int) -> str | None:
-    """The router's 2-D weight with one row per expert, relative to the router module: `weight`,
-    or `proj.weight` where the router wraps one Linear (Gemma-4)."""
+def router_weight_name(router: nn.Module, experts: int, exact: bool = True) -> str | None:
+    """The router's 2-D weight with one row per expert, relative to the router module: `weight`, or a
+    Linear's inside it (Gemma-4's `proj.weight`, Zaya's MLP router `router_mlp.out_proj.weight`).
+    With exact=False also one row per choice where the router chooses among more than the fused
+    experts, at most twice as many (LongCat-Flash's zero-computation experts, Inkling's shared
+    experts, Zaya's extra choice): rows in [experts, 2 * experts]."""
     router = unwrap(router)
     candidates = [("weight", getattr(router, "weight", None))]
-    candidates += [(f"{n}.weight", getattr(unwrap(c), "weight", None)) for n, c in router.named_children()]
+    candidates += [(f"{n}.weight", getattr(unwrap(m), "weight", None)) for n, m in router.named_modules()
+                   if n and "lora_" not in n and "modules_to_save" not in n and "original_module" not in n
+                   and not n.endswith("base_layer")]
     for name, weight in candidates:
-        if isinstance(weight, torch.Tensor) and len(shape_of(weight)) == 2 and shape_of(weight)[0] == experts:
-            return name
+        if isinstance(weight, torch.Tensor) and len(shape_of(weight)) == 2:
+            rows = shape_of(weight)[0]
+            if rows == experts or (not exact and experts < rows <= 2 * experts):
+                return name
     return None
 
 
-def _router_child(block: nn.Module, experts: int) -> tuple[str, nn.Module] | None:
-    for child_name, child in block.named_children():
-        if child_name == "experts":
-            continue
-        if router_weight_name(child, experts):
-            return child_name, child
+def _router_child(block: nn.Module, experts: int) -> tuple[str, nn.Module, str] | None:
+    for exact in (True, False):  # a child with one row per expert wins over one with extra choices
+        for child_name, child in block.named_children():
+            if child_name == "experts":
+                continue
+            weight = router_weight_name(child, experts, exact)
+            if weight:
+                return child_name, child, weight
     return None
 
 
@@ -135,11 +146,10 @@ def find_routers(model: nn.Module) -> list[Router]:
         hit = _router_child(block, count) if count else None
         if hit is None:
             continue
-        child_name, child = hit
+        child_name, child, weight = hit
         numbers = re.findall(r"(?:^|\.)(\d+)(?:\.|$)", block_name)
         layer = int(numbers[-1]) if numbers else len(found)
-        found.append(Router(layer, f"{block_name}.{child_name}" if block_name else child_name, child,
-                            router_weight_name(child, count)))
+        found.append(Router(layer, f"{block_name}.{child_name}" if block_name else child_name, child, weight))
     return sorted(found, key=lambda r: r.layer)
 
 
@@ -153,21 +163,34 @@ ATTENTION_NAME = re.compile(r"attn|attention", re.IGNORECASE)
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, list[nn.Module]]:
-    """(path, layers) of the longest ModuleList: the decoder stack, whatever it is called."""
-    best = ("", [])
+    """(path, layers) of the decoder stack, whatever it is called: the longest ModuleList of
+    transformers decoder layers (GradientCheckpointingLayer), else the longest ModuleList. A layer's
+    own lists (LongCat-Flash's two attentions per layer) may be longer than a shallow stack."""
+    best, best_layers = ("", []), ("", [])
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) > len(best[1]):
             best = (name, list(module))
-    return best
+        if (isinstance(module, nn.ModuleList) and len(module) > len(best_layers[1])
+                and all(isinstance(unwrap(m), GradientCheckpointingLayer) for m in module)):
+            best_layers = (name, list(module))
+    return best_layers if best_layers[1] else best
+
+
+def plain_linear(module: nn.Module) -> bool:
+    """An nn.Linear that computes x·Wᵀ (+ b), which LoRA's B·A update adds to. A model's own Linear
+    subclass with another forward (DeepSeek-V4's grouped output projection `o_a_proj`: one block per
+    head group) is not: LoRA on it would add a full-width update of the wrong shape."""
+    own = type(module).__module__.startswith("transformers.models.") and type(module).forward is not nn.Linear.forward
+    return isinstance(module, nn.Linear) and not own
 
 
 def _linears(module: nn.Module, prefix: str) -> list[str]:
-    """Paths (under `prefix`) of every nn.Linear in `module`, PEFT wrappers looked through."""
+    """Paths (under `prefix`) of every plain nn.Linear in `module`, PEFT wrappers looked through."""
     out = []
     for name, child in unwrap(module).named_children():
         path = f"{prefix}.{name}" if prefix else name
         inner = unwrap(child)
-        if isinstance(inner, nn.Linear):
+        if plain_linear(inner):
             out.append(path)
         elif "lora_A" not in name and "modules_to_save" not in name:
             out.extend(_linears(inner, path))
@@ -210,10 +233,17 @@ def structure(model: nn.Module) -> list[LayerParts]:
                     shared.extend([path] if isinstance(unwrap(part), nn.Linear) else _linears(part, path))
             elif block == prefix and name not in ("experts", routers[block].name.rsplit(".", 1)[-1]):
                 shared.extend([name] if isinstance(inner, nn.Linear) and "proj" not in name else _linears(inner, name))
-            elif block is None:
+            elif block is None and not _token_mixer(inner):
                 dense.extend(_linears(inner, name))
         out.append(LayerParts(attention, [s for s in shared if not _per_layer_input(s)], dense, block is not None))
     return out
+
+
+def _token_mixer(module: nn.Module) -> bool:
+    """A sequence mixer that is not named attention (Nemotron-H's Mamba `mixer`, LFM2's short
+    convolution): it convolves over positions, which an MLP never does. Not the `mlp` group (PEFT
+    refuses LoRA on Mamba's in/out projections)."""
+    return any(isinstance(m, nn.Conv1d) for m in module.modules())
 
 
 def _per_layer_input(path: str) -> bool:

@@ -100,7 +100,7 @@ class Adapter:
     terms: dict[str, list[Term]] = field(default_factory=dict)
 
 
-def _owner(module_name: str) -> str:
+def owner_of(module_name: str) -> str:
     """`...mlp.experts.base_layer` -> `...mlp.experts`: PEFT nests one wrapper per adapted parameter."""
     name = module_name.removeprefix(PREFIX)
     while name.endswith(".base_layer"):
@@ -141,7 +141,7 @@ def _read_terms(adapter: Adapter, weights_file: Path) -> Adapter:
 
         for name, module in peft_model.named_modules():
             if isinstance(module, ModulesToSaveWrapper):
-                owner = _owner(name)
+                owner = owner_of(name)
                 # buffers too: a router trained in full saves its bias buffer beside its weight
                 # (DeepSeek/GLM's e_score_correction_bias); the copy holds the value to write
                 original = module.original_module
@@ -153,11 +153,11 @@ def _read_terms(adapter: Adapter, weights_file: Path) -> Adapter:
             elif isinstance(module, (ParamWrapper, Linear)) and "default" in module.lora_A:
                 in_out = None
                 if isinstance(module, ParamWrapper):
-                    param, shape = f"{_owner(name)}.{module.parameter_name}", tuple(module.get_param().shape)
+                    param, shape = f"{owner_of(name)}.{module.parameter_name}", tuple(module.get_param().shape)
                     if len(shape) == 3:  # PEFT swaps in/out unless the experts store (E, in, out)
                         in_out = not getattr(module, "_did_swap_in_out_features", True)
                 else:
-                    param, shape = f"{_owner(name)}.weight", tuple(module.base_layer.weight.shape)
+                    param, shape = f"{owner_of(name)}.weight", tuple(module.base_layer.weight.shape)
                 tensors = {"A": take(f"{name}.lora_A.weight"), "B": take(f"{name}.lora_B.weight")}
                 term = Term("add", param, name, tensors, float(module.scaling["default"]), shape, in_out)
                 adapter.terms.setdefault(param, []).append(term)

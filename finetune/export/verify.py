@@ -71,7 +71,9 @@ def peft_reference(adapters: list[deltas.Adapter]):
         module = modules[id(term)]
         if term.kind == "replace":
             copy = module.modules_to_save["default"]  # its buffers too (a router's e_score_correction_bias)
-            return dict([*copy.named_parameters(), *copy.named_buffers()])[term.param.rsplit(".", 1)[1]].detach().float()
+            # the name below the copied module, which may be nested (Gemma-4's router: `proj.weight`)
+            local = term.param.removeprefix(deltas.owner_of(term.module) + ".")
+            return dict([*copy.named_parameters(), *copy.named_buffers()])[local].detach().float()
         if hasattr(module, "parameter_name"):
             # ParamWrapper casts its delta to the adapted parameter's device and dtype; that parameter
             # stays on the meta device here, so hand it a float32 CPU stand-in for the call.
