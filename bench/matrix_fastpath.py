@@ -95,3 +95,18 @@ def cells(model_dir) -> dict[str, str]:
             text = "; ".join(map(str, problems)) if problems else (str(exc).splitlines()[0] if str(exc) else "")
             out[column] = f"{type(exc).__name__}: {text[:300]}"
     return out
+
+
+def refill(model_type: str, tmp, row: list[str] | None, all_columns: list[str]) -> dict[str, str]:
+    """`support_matrix.py --only-fastpath`: a row's cells with only these two columns run again (they
+    were added after issue 19's full sweep); the row's other cells are kept as they were."""
+    import tiny_configs  # bench modules, beside this one
+    import tiny_models
+
+    base = all_columns[: -len(COLUMNS)]
+    kept = dict(zip(["_note", *base], row)) if row else {c: "not run" for c in base}
+    built, how = tiny_configs.text_model_type(model_type)
+    if built is None:
+        return kept | {c: how for c in COLUMNS}
+    model_dir, _ = tiny_models.tiny_checkpoint(built, tmp / "base")
+    return kept | cells(model_dir)

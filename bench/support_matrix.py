@@ -262,6 +262,8 @@ def main(argv=None) -> int:
     parser.add_argument("--types", nargs="*")
     parser.add_argument("--curated", action="store_true")
     parser.add_argument("--out", default=str(MATRIX))
+    parser.add_argument("--only-fastpath", action="store_true",
+                        help="refill only the fast-path and 4-bit columns of rows already in --out (bench/matrix_fastpath.py)")
     parser.add_argument("--max-seconds", type=int, default=0,
                         help="stop a type's checks after this long; its cell says so (0: no limit)")
     args = parser.parse_args(argv)
@@ -276,7 +278,8 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()), time_limit(args.max_seconds):
             try:
-                cells = run_type(model_type, Path(tmp))
+                cells = matrix_fastpath.refill(model_type, Path(tmp), rows.get(model_type), COLUMNS) \
+                    if args.only_fastpath else run_type(model_type, Path(tmp))
             except Exception as exc:  # noqa: BLE001  # building the tiny checkpoint itself failed
                 cells = {c: f"tiny checkpoint: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}" for c in COLUMNS}
         seconds[model_type] = time.perf_counter() - t0

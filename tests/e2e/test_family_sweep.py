@@ -43,8 +43,20 @@ def test_curated_rows_match_the_committed_matrix(rows):
         assert comparable(regenerated[model_type]) == comparable(committed[model_type]), model_type
 
 
+def acceptable(columns: list[str], row: list[str]) -> bool:
+    """Every column passes, except issue 20's two, which may carry the named reason instead: experts
+    the fast path cannot serve stay on PEFT's stock path (saying why), and 4-bit refuses them before
+    loading (a UserError saying the same)."""
+    cells = dict(zip(columns, row[1:]))
+    stock = cells["fast path"].startswith("stock path (")
+    return all(c.startswith("pass") or (k == "fast path" and stock)
+               or (k == "4-bit load quantizes the experts" and stock and c.startswith("UserError: "))
+               for k, c in cells.items())
+
+
 @pytest.mark.slow
 def test_every_curated_family_passes_every_column(rows):
     curated, regenerated, _ = rows
-    failing = {t: regenerated[t] for t in curated if not all(c.startswith("pass") for c in regenerated[t][1:])}
+    columns = bench_module().COLUMNS
+    failing = {t: regenerated[t] for t in curated if not acceptable(columns, regenerated[t])}
     assert not failing, sorted(failing)
