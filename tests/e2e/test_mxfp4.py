@@ -23,12 +23,13 @@ from finetune.recipe import ModelSection
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 import mxfp4_checkpoint  # writes MXFP4 experts from the format
-import support_matrix  # the tiny gpt-oss checkpoint (bundled tokenizer) and recipes of the family sweep
+import support_matrix  # the recipes of the family sweep
+import tiny_models  # its tiny checkpoints (bundled tokenizer)
 
 
 def write_mxfp4(directory: Path) -> dict[str, torch.Tensor]:
     """A tiny random gpt-oss checkpoint with its experts in MXFP4; returns the exact decoded weights."""
-    support_matrix.tiny_checkpoint("gpt_oss", directory)
+    tiny_models.tiny_checkpoint("gpt_oss", directory)
     return mxfp4_checkpoint.to_mxfp4(directory)
 
 

@@ -125,14 +125,15 @@ def test_gpt_oss_streamed_4bit_load(tmp_path, monkeypatch, caplog):
 def test_unserved_experts_refused_before_loading(tmp_path):
     """Llama-4's text experts are not a transformers experts-dispatch module: the fast path, the only
     one 4-bit experts run on, cannot serve them, so the 4-bit load says so before reading any weight."""
-    import support_matrix  # the family sweep's tiny checkpoint (with the bundled tokenizer) and recipe
+    import support_matrix  # the family sweep's recipe and tiny checkpoints (bench modules)
+    import tiny_models
     import yaml
 
     from finetune.errors import UserError
     from finetune.recipe import ModelSection, read_recipe
     from finetune.validate import check
 
-    path = support_matrix.tiny_checkpoint("llama4_text", tmp_path / "m")
+    path, _ = tiny_models.tiny_checkpoint("llama4_text", tmp_path / "m")
     with pytest.raises(UserError, match=r"model.quantization: .*Llama4TextExperts is not a transformers") as err:
         qlora_loading.load_quantized(ModelSection(name_or_path=str(path), dtype="float32"))
     assert [p.where for p in err.value.problems] == ["model.quantization"]
