@@ -132,6 +132,22 @@ WORD_CHAT_TEMPLATE = (
 )
 
 
+def random_lora(model, expert_weights=("gate_up_proj", "down_proj")):
+    """LoRA on q/v and the fused experts, with a seeded A and a random B: PEFT inits B to zero, which
+    would hide any error in the B·A product (the 4-bit tests compare it with PEFT's stock path)."""
+    from peft import LoraConfig, get_peft_model  # peft: only the tests that build adapters need it
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                        target_parameters=[f"experts.{w}" for w in expert_weights])
+    torch.manual_seed(1)  # the same LoRA A for both models of a pair
+    model = get_peft_model(model, config)
+    with torch.no_grad():
+        for i, (name, p) in enumerate(sorted(model.named_parameters())):
+            if "lora_B" in name:
+                p.normal_(std=0.2, generator=torch.Generator().manual_seed(i))
+    return model
+
+
 def moe_model(vocab_size: int, *, hidden: int = 32, layers: int = 3, experts: int = 8, top_k: int = 2, seed: int = 0):
     """A random Mixtral with 8 experts for the routing tests, built in memory (no files)."""
     return build_model(

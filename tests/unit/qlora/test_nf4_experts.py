@@ -11,8 +11,7 @@ import copy
 import pytest
 import torch
 from bitsandbytes.functional import dequantize_blockwise
-from conftest import recipe_file, sft_recipe
-from peft import LoraConfig, get_peft_model
+from conftest import random_lora, recipe_file, sft_recipe
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import MixtralConfig, MixtralForCausalLM
@@ -36,15 +35,7 @@ def tiny(seed=0):
 
 
 def lora(model):
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                        target_parameters=["experts.gate_up_proj", "experts.down_proj"])
-    torch.manual_seed(1)
-    model = get_peft_model(model, config)
-    with torch.no_grad():  # PEFT inits B to zero, which would hide any error in the B·A product
-        for i, (name, p) in enumerate(sorted(model.named_parameters())):
-            if "lora_B" in name:
-                p.normal_(std=0.2, generator=torch.Generator().manual_seed(i))
-    return model
+    return random_lora(model)
 
 
 def test_experts_dequantize_within_nf4_error():

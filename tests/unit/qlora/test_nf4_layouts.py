@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from conftest import random_lora
 from transformers import AutoModelForCausalLM
 
 from finetune.lora.fast_experts import enable_fast_expert_lora
@@ -39,15 +39,7 @@ def tiny_gpt_oss(seed=0):
 
 
 def lora(model):
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                        target_parameters=[f"experts.{w}" for w in WEIGHTS])
-    torch.manual_seed(1)  # the same LoRA A for both models of a pair
-    model = get_peft_model(model, config)
-    with torch.no_grad():  # PEFT inits B to zero, which would hide any error in the B·A product
-        for i, (name, p) in enumerate(sorted(model.named_parameters())):
-            if "lora_B" in name:
-                p.normal_(std=0.2, generator=torch.Generator().manual_seed(i))
-    return model
+    return random_lora(model, WEIGHTS)
 
 
 def run(model, ids):
