@@ -16,9 +16,10 @@ import argparse
 import random
 import subprocess
 import sys
-import time
 import types
 from pathlib import Path
+
+from timing import best  # bench/timing.py, beside this script
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -49,16 +50,6 @@ def conversations(n: int, seed: int = 0) -> list[list[dict]]:
                       for role in ("user", "assistant")]
         out.append(turns)
     return out
-
-
-def best(fn, rows, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for row in rows:
-            fn(row)
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def main(argv=None) -> None:

@@ -14,9 +14,9 @@ bundled tokenizer (model/tiny-moe), best of 5 passes each:
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
+from timing import best  # bench/timing.py, beside this script
 from transformers import AutoTokenizer
 from trl.data_utils import _tokenize
 
@@ -24,16 +24,6 @@ from finetune.data.convert import preference_row
 from finetune.data.masks import encode, render
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def best(fn, rows, passes: int = 5) -> float:
-    times = []
-    for _ in range(passes):
-        start = time.perf_counter()
-        for row in rows:
-            fn(row)
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def trl_three(tok, row):
