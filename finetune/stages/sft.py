@@ -21,7 +21,7 @@ from finetune.lora.targets import lora_config
 from finetune.recipe import Recipe
 from finetune.runs import faults, staging
 from finetune.train import args as train_args
-from finetune.train import save, wrap
+from finetune.train import packed_attention, save, wrap
 from finetune.validate.resolve import resolved_recipe
 
 log = logging.getLogger("finetune")
@@ -44,6 +44,7 @@ def run_sft(recipe: Recipe, overwrite: bool = False, callbacks=(), resume: bool 
     # under FSDP2 with cpu_ram_efficient_loading only rank 0 reads the weights (finetune/distributed.py)
     model = distributed.load_base(lambda: load_model(recipe.model), checked.config, recipe.model)
     balancing.apply_aux_loss(model, aux_coef, checked.balancing)  # the same config fields as DPO sets
+    packed_attention.use_for_padding_free(model, args.padding_free)  # SDPA row by row, not over the whole pack
     with staging.claimed(rundir, recipe):
         # TRL wraps the model in LoRA inside the trainer's constructor, which also creates the
         # checkpoint folder: hence inside `claimed`, which removes the staging again on failure.

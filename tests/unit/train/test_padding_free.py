@@ -4,8 +4,9 @@ TRL's collator with `padding_free=True` concatenates a batch's rows into one seq
 position ids restarting per row and no attention mask; transformers 5 then builds a block-diagonal
 causal mask from the position ids (sdpa and eager) when no cache is passed (TRL's SFTTrainer sets
 use_cache=False in compute_loss; with a cache transformers skips that detection and the rows
-would see each other), so no token attends across two rows. These
-tests prove it on tiny random models, dense and MoE: every row's per-token losses and the summed
+would see each other), so no token attends across two rows. finetune's own SDPA variant
+(finetune/train/packed_attention.py, what padding-free SFT runs on an SDPA model) reads the row
+boundaries TRL's collator passes instead and attends row by row. These tests prove it on tiny random models, dense and MoE: every row's per-token losses and the summed
 gradients equal those of the rows run one by one; the router aux loss over the packed batch
 equals the padded batch's with its attention mask (real tokens only); routing capture counts the
 same tokens.
@@ -23,6 +24,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from finetune.recipe import read_recipe
 from finetune.routing.capture import RoutingCapture
 from finetune.stages.sft import run_sft
+from finetune.train import packed_attention
 
 ROWS = [[5, 9, 13, 2, 7, 7, 30, 11], [4, 8, 15, 16, 23], [12, 3, 3, 40, 41, 42, 9, 1, 6, 22, 17]]
 
@@ -33,15 +35,27 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("kind", ["mixtral", "mistral"])
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_padding_free_batch_equals_rows_one_by_one(kind, attn):
-    model = build_model(kind, vocab_size=64, attn_implementation=attn).float()
+@pytest.mark.parametrize("attn", ["sdpa", "eager", packed_attention.NAME, "sliding window"])
+def test_padding_free_batch_equals_rows_one_by_one(kind, attn, monkeypatch):
+    # "sliding window": the row-by-row SDPA with a window shorter than two of the rows
+    window = {"sliding_window": 4} if attn == "sliding window" else {}
+    model = build_model(kind, vocab_size=64, attn_implementation="sdpa", **window).float()
+    calls = []
+    if attn == "eager":
+        model.set_attn_implementation("eager")
+    elif attn != "sdpa":
+        assert packed_attention.use_for_padding_free(model, True)
+        spy = packed_attention.packed_rows_sdpa
+        monkeypatch.setattr(packed_attention, "packed_rows_sdpa", lambda *a, **k: calls.append("cu_seq_lens_q" in k) or spy(*a, **k))
+        packed_attention.register()  # the spy in its place
     collate = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
     batch = collate([{"input_ids": r} for r in ROWS])
     assert "attention_mask" not in batch and batch["input_ids"].shape == (1, sum(map(len, ROWS)))
 
     model.zero_grad()
-    packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+    # every key the collator makes, as SFTTrainer passes them (the row boundaries cu_seq_lens_q among them)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    packed = model(**inputs, use_cache=False).logits[0]
     packed_losses = token_losses(packed, batch["labels"][0])
     packed_losses[batch["labels"][0][1:] != -100].sum().backward()
     packed_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -68,6 +82,8 @@ def test_padding_free_batch_equals_rows_one_by_one(kind, attn):
     assert packed_grads.keys() == alone_grads.keys()
     for name in packed_grads:
         torch.testing.assert_close(packed_grads[name], alone_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    # the row-by-row attention got the row boundaries in every layer of the packed forward
+    assert sum(calls) == (0 if attn in ("sdpa", "eager") else model.config.num_hidden_layers)
 
 
 def test_aux_loss_and_routing_count_only_real_tokens():
