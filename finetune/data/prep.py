@@ -152,18 +152,20 @@ def _prepare_split(name: str, entries: list, work: Path, key: str, section: Data
     table = converted.data.table
     ok = pc.is_null(table["error"])
     if (pc.sum(ok).as_py() or 0) != len(table):
-        _resolve_errors(table.filter(pc.invert(ok)).select(list(_KEEP)).to_pylist(), [str(s) for s in specs], section, report)
+        _resolve_errors(table.select(list(_KEEP)).filter(pc.invert(ok)).to_pylist(), [str(s) for s in specs], section, report)
     # the usable rows, drawn per source as the mixture says (finetune/data/mixture.py)
     good, used = mixture.take(table["source"].to_numpy(), ok.to_numpy(), specs, seed, f"data.{name}", shapes)
     report.sources += [{"split": name, **u} for u in used]
-    bad = table.filter(pc.and_(pc.invert(ok), pc.equal(table["error_kind"], ROW))).select(["source", "reason"])
-    noted = table.filter(pc.and_(ok, pc.is_valid(table["notes"]))).select(["source", "notes"])
+    # Columns are selected before rows are filtered: filtering the whole table would copy every
+    # row's token ids into memory while the table itself is memory-mapped.
+    bad = table.select(["source", "reason"]).filter(pc.and_(pc.invert(ok), pc.equal(table["error_kind"], ROW)))
+    noted = table.select(["source", "notes"]).filter(pc.and_(ok, pc.is_valid(table["notes"])))
     report.tally(f"data.{name}", *bad.to_pydict().values(), *noted.to_pydict().values())
     if good is not None:
         converted = converted.select(good, indices_cache_file_name=str(work / f"{name}-good.arrow"),
                                      new_fingerprint=f"{key}-{name}-good")
     report.rows += len(converted)
-    report.count_system(table.filter(ok)["system"].to_pylist())
+    report.count_system(pc.value_counts(table["system"].filter(ok).drop_null()).to_pylist())
     if kind == "preference":
         plain = pc.sum(pc.and_(ok, pc.is_valid(table["prompt_text"]))).as_py() or 0
         if 0 < plain < len(converted):

@@ -45,9 +45,10 @@ class Report:
     system: dict[str, int] = field(default_factory=dict)
     """Rows whose system turn was kept, folded or dropped (data.system), by that word."""
 
-    def count_system(self, actions: list[str | None]) -> None:
-        for action in filter(None, actions):
-            self.system[action] = self.system.get(action, 0) + 1
+    def count_system(self, counts: list[dict]) -> None:
+        """Add what data.system did, as pyarrow's value_counts gives it: [{"values": action, "counts": n}]."""
+        for item in counts:
+            self.system[item["values"]] = self.system.get(item["values"], 0) + item["counts"]
 
     def count(self, where: str, group: str, reason: str, n: int = 1) -> None:
         """Add n rows of source `where` (e.g. data.train[0]) to `group` ("dropped" or "changed") under `reason`."""
