@@ -14,7 +14,9 @@ empty caches, with the bundled tokenizer (model/tiny-moe): finetune's cold prepa
 the same rows (load_dataset("json") + SFTTrainer._prepare_dataset, dataset_num_proc 1 and 2) and
 TRL's remaining steps on finetune's tokenized rows (labels, truncation, filter: what SFTTrainer
 still runs on a pre-tokenized data set). Peak RSS: the measuring process and its largest child
-(a datasets map worker), from getrusage. `bounded` runs finetune's cold preparation in a memory
+(a datasets map worker), from getrusage; it counts the pages of memory-mapped Arrow files the
+process read, so the peak anonymous memory (heap) is sampled too, of the process alone and with
+its map workers. `bounded` runs finetune's cold preparation in a memory
 cgroup (v1 or v2, written directly; needs root) whose limit is below the data set's size as
 Python lists, which the in-memory path held (measured by tracemalloc on a sample, extrapolated).
 """
@@ -112,9 +114,49 @@ def _trl_trainer(tokenizer, num_proc: int | None, max_length: int):
     return SFTTrainer(model=model, args=args, train_dataset=tiny, processing_class=tokenizer), args
 
 
+def _anon_kb(pid: str) -> int:
+    """Anonymous resident memory of a process (its heap; not the memory-mapped Arrow files' pages)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    return next((int(line.split()[1]) for line in status.splitlines() if line.startswith("RssAnon:")), 0)
+
+
+class AnonPeak:
+    """Samples (every 0.1 s) the anonymous memory of this process and of this process plus its children
+    (datasets' map workers): getrusage's peak RSS also counts the pages of memory-mapped files read."""
+
+    def __init__(self):
+        import threading
+
+        self.self_kb = self.total_kb = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.wait(0.1):
+            children = set()
+            for task in Path("/proc/self/task").iterdir():
+                try:
+                    children.update((task / "children").read_text().split())
+                except OSError:
+                    pass
+            own = _anon_kb("self")
+            self.self_kb = max(self.self_kb, own)
+            self.total_kb = max(self.total_kb, own + sum(_anon_kb(c) for c in children))
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        return {"peak_anon_mb": self.self_kb / 1024, "peak_anon_with_workers_mb": self.total_kb / 1024}
+
+
 def measure(what: str, path: str, num_proc: int | None, max_length: int, kind: str) -> dict:
     tokenizer = _tokenizer()
     out = {}
+    sampler = AnonPeak()
     if what == "finetune":
         from finetune.data.prep import build_datasets
 
@@ -139,6 +181,7 @@ def measure(what: str, path: str, num_proc: int | None, max_length: int, kind: s
         ready = trainer._prepare_dataset(raw, tokenizer, args, False, None, "train")
         out["seconds"] = time.perf_counter() - start
         out["rows"] = len(ready)
+    out.update(sampler.stop())
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out["peak_child_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return out
