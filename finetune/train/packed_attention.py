@@ -18,6 +18,7 @@ Layer: train; imports torch and transformers only.
 from __future__ import annotations
 
 import logging
+import weakref
 
 import torch
 from transformers import AttentionInterface
@@ -42,15 +43,37 @@ def packed_rows_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     bounds = starts.tolist()
     if bounds[0] != 0 or bounds[-1] != query.shape[2]:
         raise ValueError(f"cu_seq_lens_q {bounds[:3]}...{bounds[-1:]} does not cover the {query.shape[2]} packed tokens")
+    plain = _plain_causal_rows(attention_mask, bounds)
     outputs = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        # The row's diagonal block of the model's mask keeps its sliding window or chunks exact;
-        # without a mask SDPA runs the row causal, as it would the whole sequence.
-        block = None if attention_mask is None else attention_mask[..., start:end, start:end]
+    for row, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        # A row whose block of the model's mask is the plain causal triangle runs with SDPA's
+        # is_causal and no mask (the flash kernel on GPUs); any other block (a sliding window
+        # shorter than the row, chunks) is passed as it is, so the result stays exact.
+        block = None if plain[row] else attention_mask[..., start:end, start:end]
         out, _ = sdpa_attention_forward(module, query[:, :, start:end], key[:, :, start:end],
                                         value[:, :, start:end], block, *args, **kwargs)
         outputs.append(out)  # (1, row tokens, heads, head_dim)
     return torch.cat(outputs, dim=1), None
+
+
+_memo: dict = {}
+
+
+def _plain_causal_rows(mask: torch.Tensor | None, bounds: list[int]) -> list[bool]:
+    """Per packed row: whether the mask restricted to it is the causal triangle (True for every row
+    without a mask: SDPA then runs each row causal). Checked once per mask: every layer of one
+    attention kind gets the same mask object in a forward."""
+    if mask is None:
+        return [True] * (len(bounds) - 1)
+    if _memo.get("bounds") == bounds and _memo["mask"]() is mask:
+        return _memo["plain"]
+    plain = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        block = mask[..., start:end, start:end]
+        causal = torch.ones(end - start, end - start, dtype=torch.bool, device=mask.device).tril()
+        plain.append(block.dtype == torch.bool and bool((block == causal).all()))
+    _memo.update(mask=weakref.ref(mask), bounds=bounds, plain=plain)
+    return plain
 
 
 def register() -> None:

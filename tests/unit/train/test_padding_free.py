@@ -128,3 +128,16 @@ def test_linear_attention_models_keep_padded_batches():
     assert not packs_rows_apart(AutoConfig.for_model("qwen3_next", num_hidden_layers=4))
     assert packs_rows_apart(AutoConfig.for_model("qwen3_next", num_hidden_layers=4,
                                                  layer_types=["full_attention"] * 4))
+
+
+def test_rows_whose_mask_block_is_plain_causal_run_without_a_mask():
+    """Row-by-row SDPA passes no mask (is_causal: the flash kernel on GPUs) only where the row's block
+    of the model's mask is the causal triangle; a sliding window shorter than the row keeps its block."""
+    triangle = torch.ones(3, 3, dtype=torch.bool).tril()
+    mask = torch.zeros(1, 1, 6, 6, dtype=torch.bool)
+    mask[..., :3, :3] = mask[..., 3:, 3:] = triangle
+    assert packed_attention._plain_causal_rows(mask, [0, 3, 6]) == [True, True]
+    windowed = mask.clone()
+    windowed[..., 5, 3] = False  # row 2's last token sees only 2 tokens back
+    assert packed_attention._plain_causal_rows(windowed, [0, 3, 6]) == [True, False]
+    assert packed_attention._plain_causal_rows(None, [0, 3, 6]) == [True, True]
