@@ -44,14 +44,17 @@ def packed_rows_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     if bounds[0] != 0 or bounds[-1] != query.shape[2]:
         raise ValueError(f"cu_seq_lens_q {bounds[:3]}...{bounds[-1:]} does not cover the {query.shape[2]} packed tokens")
     plain = _plain_causal_rows(attention_mask, bounds)
+    sizes = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
+    # split, not one slice per row: its backward is one concatenation, where each slice's backward
+    # would write its gradient into a zero tensor the size of the whole pack
+    rows = zip(query.split(sizes, dim=2), key.split(sizes, dim=2), value.split(sizes, dim=2))
     outputs = []
-    for row, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+    for row, ((q, k, v), start, end) in enumerate(zip(rows, bounds[:-1], bounds[1:])):
         # A row whose block of the model's mask is the plain causal triangle runs with SDPA's
         # is_causal and no mask (the flash kernel on GPUs); any other block (a sliding window
         # shorter than the row, chunks) is passed as it is, so the result stays exact.
         block = None if plain[row] else attention_mask[..., start:end, start:end]
-        out, _ = sdpa_attention_forward(module, query[:, :, start:end], key[:, :, start:end],
-                                        value[:, :, start:end], block, *args, **kwargs)
+        out, _ = sdpa_attention_forward(module, q, k, v, block, *args, **kwargs)
         outputs.append(out)  # (1, row tokens, heads, head_dim)
     return torch.cat(outputs, dim=1), None
 
