@@ -1,16 +1,23 @@
-"""SDPA for padding-free batches: attention row by row inside the packed sequence, not over all of it.
+"""SDPA for padding-free batches: attention within each packed row, not over the whole pack.
 
     finetune sft RECIPE          # on by default when sft.padding_free is on and the model runs SDPA
 
 Why this exists: a padding-free batch is one sequence of T tokens holding every row of the batch.
 transformers keeps the rows apart with a block-diagonal causal mask (finetune/train/args.py), and
 SDPA's CPU kernels and its masked GPU kernels compute every one of the T x T query-key scores and
-only then mask them: T^2 work where the rows need sum(len_i^2), 16x more for 16 equal rows. On the
-bundled model that made attention the larger part of a step, and padding-free batches no faster
-than padded length-grouped ones (bench/RESULTS.md, issue 30). Flash-attention's varlen kernel
-reads the row boundaries instead (TRL's collator passes them as cu_seq_lens_q); this is the same
-idea for SDPA, which is what runs where flash-attention is not installed, CPUs included: one SDPA
-call per row, each on the row's own block of the mask, so the result is the same computation.
+only then mask them: T^2 work where the rows need sum(len_i^2), 16x more for 16 equal rows
+(bench/packed_attention.py). Flash-attention's varlen kernel reads the row boundaries instead (TRL's
+collator passes them as cu_seq_lens_q); this is the same idea for SDPA, which is what runs where
+flash-attention is not installed, CPUs included.
+
+How: rows whose block of the model's mask is the plain causal triangle are sorted by length and
+cut into groups of similar length; each group runs as one causal SDPA call on its rows padded at
+the end to the group's longest. Under a causal mask a row's real tokens never see the padding that
+follows them, and the padded positions' outputs are dropped, so this is exact; the padding costs at
+most WASTE more attention work than the rows alone, and one call per group instead of per row is
+what keeps many short rows cheap. A row with any other block (a sliding window shorter than the
+row, chunks) runs alone with its block of the mask. Tested against the rows run one by one
+(tests/unit/train/test_padding_free.py).
 
 Layer: train; imports torch and transformers only.
 """
@@ -19,8 +26,10 @@ from __future__ import annotations
 
 import logging
 import weakref
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -28,11 +37,21 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 log = logging.getLogger("finetune")
 
 NAME = "sdpa_packed_rows"  # "sdpa" in the name: transformers runs its SDPA support checks for it
+WASTE = 0.25  # a group's padded attention work at most 1.25x its rows' own
+
+
+@dataclass
+class Plan:
+    """How one packed sequence runs: its row sizes, groups of causal rows, rows alone with their mask block."""
+
+    sizes: list[int]  # tokens per row, in pack order
+    groups: list[list[int]]  # row indices; each group runs as one SDPA call, padded to its longest row
+    masked: list[tuple[int, int, int]]  # (row, start, end): rows that keep their block of the mask
 
 
 def packed_rows_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, *args, **kwargs):
-    """transformers' SDPA attention, called once per packed row when the batch says where rows start.
+    """transformers' SDPA attention within each packed row when the batch says where rows start.
 
     query/key/value: (batch, heads, tokens, head_dim). Without row boundaries (padded batches,
     generation with a cache, a batch of more than one sequence) this is transformers' SDPA as is."""
@@ -40,42 +59,71 @@ def packed_rows_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     if (starts is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]
             or kwargs.get("position_bias") is not None or starts.numel() <= 2):
         return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
-    bounds = starts.tolist()
-    if bounds[0] != 0 or bounds[-1] != query.shape[2]:
-        raise ValueError(f"cu_seq_lens_q {bounds[:3]}...{bounds[-1:]} does not cover the {query.shape[2]} packed tokens")
-    plain = _plain_causal_rows(attention_mask, bounds)
-    sizes = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
-    # split, not one slice per row: its backward is one concatenation, where each slice's backward
-    # would write its gradient into a zero tensor the size of the whole pack
-    rows = zip(query.split(sizes, dim=2), key.split(sizes, dim=2), value.split(sizes, dim=2))
-    outputs = []
-    for row, ((q, k, v), start, end) in enumerate(zip(rows, bounds[:-1], bounds[1:])):
-        # A row whose block of the model's mask is the plain causal triangle runs with SDPA's
-        # is_causal and no mask (the flash kernel on GPUs); any other block (a sliding window
-        # shorter than the row, chunks) is passed as it is, so the result stays exact.
-        block = None if plain[row] else attention_mask[..., start:end, start:end]
-        out, _ = sdpa_attention_forward(module, q, k, v, block, *args, **kwargs)
-        outputs.append(out)  # (1, row tokens, heads, head_dim)
-    return torch.cat(outputs, dim=1), None
+    plan = _plan(starts, attention_mask, query.shape[2])
+    # One split per tensor and padding, concatenation and unbinding below, no gathers: their
+    # backward passes are slices and one concatenation, where an index_select's backward scatters
+    # into a zero tensor the size of the pack (11% of a step's time on the bundled model, measured).
+    rows_q, rows_k, rows_v = (t.split(plan.sizes, dim=2) for t in (query, key, value))
+    outputs = [None] * len(plan.sizes)  # each (row tokens, heads, head_dim)
+    for group in plan.groups:
+        longest = max(plan.sizes[i] for i in group)
+        q, k, v = (torch.cat([F.pad(rows[i], (0, 0, 0, longest - plan.sizes[i])) for i in group])
+                   if len(group) > 1 else rows[group[0]] for rows in (rows_q, rows_k, rows_v))
+        out, _ = sdpa_attention_forward(module, q, k, v, None, *args, **kwargs)  # (rows, longest, heads, dim)
+        for i, row_out in zip(group, out.unbind(0)):
+            outputs[i] = row_out[:plan.sizes[i]]
+    for i, start, end in plan.masked:
+        out, _ = sdpa_attention_forward(module, rows_q[i], rows_k[i], rows_v[i],
+                                        attention_mask[..., start:end, start:end], *args, **kwargs)
+        outputs[i] = out[0]
+    return torch.cat(outputs).unsqueeze(0), None
 
 
 _memo: dict = {}
 
 
+def _plan(starts: torch.Tensor, mask: torch.Tensor | None, tokens: int) -> Plan:
+    """Worked out once per forward, not per layer: every layer gets the same row-start tensor, and
+    every layer of one attention kind the same mask object (reading a GPU tensor's starts waits for
+    the GPU; checking the blocks reads the mask)."""
+    if _memo.get("starts") is not None and _memo["starts"]() is starts and _memo["mask"]() is mask:
+        return _memo["plan"]
+    bounds = starts.tolist()
+    if bounds[0] != 0 or bounds[-1] != tokens:
+        raise ValueError(f"cu_seq_lens_q {bounds[:3]}...{bounds[-1:]} does not cover the {tokens} packed tokens")
+    sizes = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
+    plain = _plain_causal_rows(mask, bounds)
+    causal = sorted((i for i, p in enumerate(plain) if p), key=lambda i: sizes[i])
+    masked = [(i, bounds[i], bounds[i + 1]) for i, p in enumerate(plain) if not p]
+    plan = Plan(sizes, _groups(causal, sizes), masked)
+    _memo.update(starts=weakref.ref(starts), mask=(lambda: None) if mask is None else weakref.ref(mask), plan=plan)
+    return plan
+
+
+def _groups(rows: list[int], sizes: list[int]) -> list[list[int]]:
+    """Rows sorted by length, cut where padding the group to its longest row would cost more than
+    WASTE above the rows' own attention work (sum of length squared)."""
+    out, current, own = [], [], 0
+    for i in rows:
+        n = sizes[i]
+        if current and (len(current) + 1) * n * n > (1 + WASTE) * (own + n * n):
+            out.append(current)
+            current, own = [], 0
+        current.append(i)
+        own += n * n
+    return out + [current] if current else out
+
+
 def _plain_causal_rows(mask: torch.Tensor | None, bounds: list[int]) -> list[bool]:
     """Per packed row: whether the mask restricted to it is the causal triangle (True for every row
-    without a mask: SDPA then runs each row causal). Checked once per mask: every layer of one
-    attention kind gets the same mask object in a forward."""
+    without a mask: SDPA then runs each row causal)."""
     if mask is None:
         return [True] * (len(bounds) - 1)
-    if _memo.get("bounds") == bounds and _memo["mask"]() is mask:
-        return _memo["plain"]
     plain = []
     for start, end in zip(bounds[:-1], bounds[1:]):
         block = mask[..., start:end, start:end]
         causal = torch.ones(end - start, end - start, dtype=torch.bool, device=mask.device).tril()
         plain.append(block.dtype == torch.bool and bool((block == causal).all()))
-    _memo.update(mask=weakref.ref(mask), bounds=bounds, plain=plain)
     return plain
 
 
@@ -94,5 +142,5 @@ def use_for_padding_free(model, padding_free: bool) -> bool:
         return False
     register()
     model.set_attn_implementation(NAME)
-    log.info("padding-free batches: SDPA runs once per packed row (%s), not over the whole packed sequence", NAME)
+    log.info("padding-free batches: SDPA within each packed row (%s), not over the whole packed sequence", NAME)
     return True

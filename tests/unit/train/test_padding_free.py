@@ -27,6 +27,10 @@ from finetune.stages.sft import run_sft
 from finetune.train import packed_attention
 
 ROWS = [[5, 9, 13, 2, 7, 7, 30, 11], [4, 8, 15, 16, 23], [12, 3, 3, 40, 41, 42, 9, 1, 6, 22, 17]]
+# rows of near lengths (7, 8, 8, 9 and 3 tokens): the row-by-row SDPA runs the 7 and the two 8 as one
+# padded group, so this checks that the padding of a group never reaches a real token
+SIMILAR = [[5, 9, 13, 2, 7, 7, 30, 11], [4, 8, 15, 16, 23, 42, 4], [3, 3, 40, 41, 42, 9, 1, 6, 22],
+           [60, 2, 33, 18, 5, 5, 12, 50], [7, 14, 21]]
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -35,9 +39,10 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("kind", ["mixtral", "mistral"])
-@pytest.mark.parametrize("attn", ["sdpa", "eager", packed_attention.NAME, "sliding window"])
-def test_padding_free_batch_equals_rows_one_by_one(kind, attn, monkeypatch):
-    # "sliding window": the row-by-row SDPA with a window shorter than two of the rows
+@pytest.mark.parametrize("attn, rows", [("sdpa", ROWS), ("eager", ROWS), (packed_attention.NAME, ROWS),
+                                        (packed_attention.NAME, SIMILAR), ("sliding window", SIMILAR)])
+def test_padding_free_batch_equals_rows_one_by_one(kind, attn, rows, monkeypatch):
+    # "sliding window": the row-by-row SDPA with a window shorter than four of the rows
     window = {"sliding_window": 4} if attn == "sliding window" else {}
     model = build_model(kind, vocab_size=64, attn_implementation="sdpa", **window).float()
     calls = []
@@ -49,8 +54,8 @@ def test_padding_free_batch_equals_rows_one_by_one(kind, attn, monkeypatch):
         monkeypatch.setattr(packed_attention, "packed_rows_sdpa", lambda *a, **k: calls.append("cu_seq_lens_q" in k) or spy(*a, **k))
         packed_attention.register()  # the spy in its place
     collate = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
-    batch = collate([{"input_ids": r} for r in ROWS])
-    assert "attention_mask" not in batch and batch["input_ids"].shape == (1, sum(map(len, ROWS)))
+    batch = collate([{"input_ids": r} for r in rows])
+    assert "attention_mask" not in batch and batch["input_ids"].shape == (1, sum(map(len, rows)))
 
     model.zero_grad()
     # every key the collator makes, as SFTTrainer passes them (the row boundaries cu_seq_lens_q among them)
@@ -62,7 +67,7 @@ def test_padding_free_batch_equals_rows_one_by_one(kind, attn, monkeypatch):
 
     model.zero_grad()
     alone_losses = []
-    for row in ROWS:
+    for row in rows:
         ids = torch.tensor([row])
         logits = model(input_ids=ids).logits[0]
         losses = token_losses(logits, ids[0])
@@ -71,19 +76,23 @@ def test_padding_free_batch_equals_rows_one_by_one(kind, attn, monkeypatch):
     alone_grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
     start = 0
-    for row, alone in zip(ROWS, alone_losses):
+    for row, alone in zip(rows, alone_losses):
         # within the packed sequence, row k's predictions are positions start .. start+len-2
         got = packed_losses[start:start + len(row) - 1].detach()
         torch.testing.assert_close(got, alone, rtol=1e-5, atol=1e-5)
         start += len(row)
     # the last token of a row never predicts the first of the next: the collator masks that label
-    boundaries = [sum(map(len, ROWS[:i])) for i in range(1, len(ROWS))]
+    boundaries = [sum(map(len, rows[:i])) for i in range(1, len(rows))]
     assert all(batch["labels"][0][b] == -100 for b in boundaries)
     assert packed_grads.keys() == alone_grads.keys()
     for name in packed_grads:
         torch.testing.assert_close(packed_grads[name], alone_grads[name], rtol=1e-4, atol=1e-6, msg=name)
     # the row-by-row attention got the row boundaries in every layer of the packed forward
     assert sum(calls) == (0 if attn in ("sdpa", "eager") else model.config.num_hidden_layers)
+    if attn == packed_attention.NAME and rows is SIMILAR:
+        assert sorted(map(len, packed_attention._memo["plan"].groups)) == [1, 1, 3]
+    if attn == "sliding window":  # every row but the 3-token one is longer than the window: alone, with its mask
+        assert len(packed_attention._memo["plan"].masked) == 4
 
 
 def test_aux_loss_and_routing_count_only_real_tokens():
