@@ -14,8 +14,8 @@ How: rows whose block of the model's mask is the plain causal triangle are sorte
 cut into groups of similar length; each group runs as one causal SDPA call on its rows padded at
 the end to the group's longest. Under a causal mask a row's real tokens never see the padding that
 follows them, and the padded positions' outputs are dropped, so this is exact; the padding costs at
-most WASTE more attention work than the rows alone, and one call per group instead of per row is
-what keeps many short rows cheap. A row with any other block (a sliding window shorter than the
+most a bounded share more attention work than the rows alone (WASTE, FLOOR), and one call per group
+instead of per row is what keeps many short rows cheap. A row with any other block (a sliding window shorter than the
 row, chunks) runs alone with its block of the mask. Tested against the rows run one by one
 (tests/unit/train/test_padding_free.py).
 
@@ -29,7 +29,7 @@ import weakref
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -37,7 +37,10 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 log = logging.getLogger("finetune")
 
 NAME = "sdpa_packed_rows"  # "sdpa" in the name: transformers runs its SDPA support checks for it
-WASTE = 0.25  # a group's padded attention work at most 1.25x its rows' own
+# A group's padded attention work may exceed its rows' own by WASTE, or by the work of one row of
+# FLOOR tokens, whichever is more: below that, a separate SDPA call costs more than the padding (on
+# the bundled model, 25% alone cut many short rows into 4.6 calls per layer, where 2 would do).
+WASTE, FLOOR = 0.25, 128
 
 
 @dataclass
@@ -66,8 +69,8 @@ def packed_rows_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     rows_q, rows_k, rows_v = (t.split(plan.sizes, dim=2) for t in (query, key, value))
     outputs = [None] * len(plan.sizes)  # each (row tokens, heads, head_dim)
     for group in plan.groups:
-        longest = max(plan.sizes[i] for i in group)
-        q, k, v = (torch.cat([F.pad(rows[i], (0, 0, 0, longest - plan.sizes[i])) for i in group])
+        # (1, heads, n, dim) rows -> (rows, heads, longest, dim), zeros after each row's end
+        q, k, v = (pad_sequence([rows[i][0].transpose(0, 1) for i in group], batch_first=True).transpose(1, 2)
                    if len(group) > 1 else rows[group[0]] for rows in (rows_q, rows_k, rows_v))
         out, _ = sdpa_attention_forward(module, q, k, v, None, *args, **kwargs)  # (rows, longest, heads, dim)
         for i, row_out in zip(group, out.unbind(0)):
@@ -102,11 +105,11 @@ def _plan(starts: torch.Tensor, mask: torch.Tensor | None, tokens: int) -> Plan:
 
 def _groups(rows: list[int], sizes: list[int]) -> list[list[int]]:
     """Rows sorted by length, cut where padding the group to its longest row would cost more than
-    WASTE above the rows' own attention work (sum of length squared)."""
+    the slack above the rows' own attention work (sum of length squared): WASTE of it, or FLOOR^2."""
     out, current, own = [], [], 0
     for i in rows:
         n = sizes[i]
-        if current and (len(current) + 1) * n * n > (1 + WASTE) * (own + n * n):
+        if current and (len(current) + 1) * n * n > own + n * n + max(WASTE * (own + n * n), FLOOR * FLOOR):
             out.append(current)
             current, own = [], 0
         current.append(i)

@@ -46,6 +46,7 @@ def test_padding_free_batch_equals_rows_one_by_one(kind, attn, rows, monkeypatch
     window = {"sliding_window": 4} if attn == "sliding window" else {}
     model = build_model(kind, vocab_size=64, attn_implementation="sdpa", **window).float()
     calls = []
+    monkeypatch.setattr(packed_attention, "FLOOR", 0)  # groups cut by WASTE alone: 7 + 8 + 8 tokens pad one row
     if attn == "eager":
         model.set_attn_implementation("eager")
     elif attn != "sdpa":
@@ -90,7 +91,7 @@ def test_padding_free_batch_equals_rows_one_by_one(kind, attn, rows, monkeypatch
     # the row-by-row attention got the row boundaries in every layer of the packed forward
     assert sum(calls) == (0 if attn in ("sdpa", "eager") else model.config.num_hidden_layers)
     if attn == packed_attention.NAME and rows is SIMILAR:
-        assert sorted(map(len, packed_attention._memo["plan"].groups)) == [1, 1, 3]
+        assert sorted(map(len, packed_attention._memo["plan"].groups)) == [1, 1, 3]  # 3 | 7, 8, 8 | 9
     if attn == "sliding window":  # every row but the 3-token one is longer than the window: alone, with its mask
         assert len(packed_attention._memo["plan"].masked) == 4
 
@@ -150,3 +151,10 @@ def test_rows_whose_mask_block_is_plain_causal_run_without_a_mask():
     windowed[..., 5, 3] = False  # row 2's last token sees only 2 tokens back
     assert packed_attention._plain_causal_rows(windowed, [0, 3, 6]) == [True, False]
     assert packed_attention._plain_causal_rows(None, [0, 3, 6]) == [True, True]
+
+
+def test_short_rows_share_one_sdpa_call_and_long_rows_keep_their_own():
+    """Padding a group may cost WASTE of its rows' attention work or one FLOOR-token row's, whichever is more."""
+    sizes = [20] * 14 + [150, 200]
+    groups = packed_attention._groups(sorted(range(16), key=lambda i: sizes[i]), sizes)
+    assert [sorted(sizes[i] for i in g) for g in groups] == [[20] * 14, [150], [200]]
