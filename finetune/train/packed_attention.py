@@ -48,8 +48,9 @@ class Plan:
     """How one packed sequence runs: its row sizes, groups of causal rows, rows alone with their mask block."""
 
     sizes: list[int]  # tokens per row, in pack order
-    groups: list[list[int]]  # row indices; each group runs as one SDPA call, padded to its longest row
+    groups: list[tuple[list[int], torch.Tensor | None]]  # (rows, their tokens' places in the padded group or None)
     masked: list[tuple[int, int, int]]  # (row, start, end): rows that keep their block of the mask
+    order: torch.Tensor | None  # pack position -> place in the outputs; None when they are in pack order
 
 
 def packed_rows_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -63,23 +64,27 @@ def packed_rows_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
             or kwargs.get("position_bias") is not None or starts.numel() <= 2):
         return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
     plan = _plan(starts, attention_mask, query.shape[2])
-    # One split per tensor and padding, concatenation and unbinding below, no gathers: their
-    # backward passes are slices and one concatenation, where an index_select's backward scatters
-    # into a zero tensor the size of the pack (11% of a step's time on the bundled model, measured).
-    rows_q, rows_k, rows_v = (t.split(plan.sizes, dim=2) for t in (query, key, value))
-    outputs = [None] * len(plan.sizes)  # each (row tokens, heads, head_dim)
-    for group in plan.groups:
-        # (1, heads, n, dim) rows -> (rows, heads, longest, dim), zeros after each row's end
-        q, k, v = (pad_sequence([rows[i][0].transpose(0, 1) for i in group], batch_first=True).transpose(1, 2)
-                   if len(group) > 1 else rows[group[0]] for rows in (rows_q, rows_k, rows_v))
+    # Few operations per layer, each on whole groups (small operations cost more in overhead
+    # than in arithmetic at these sizes): one split per tensor, rows as (tokens, heads, dim) views;
+    # per group one pad, one SDPA call, one gather of the real tokens; one reordering at the end.
+    # Gathers touch only the outputs: a gather from the whole pack would cost a pack-sized
+    # scatter in its backward for every group (11% of a step on the bundled model, measured).
+    rows_q, rows_k, rows_v = (t[0].transpose(0, 1).split(plan.sizes) for t in (query, key, value))
+    outputs = []  # (tokens, heads, head_dim) pieces, group by group
+    for group, kept in plan.groups:
+        if kept is None:  # one row: (1, heads, n, dim)
+            q, k, v = (rows[group[0]].transpose(0, 1).unsqueeze(0) for rows in (rows_q, rows_k, rows_v))
+        else:  # (rows, heads, longest, dim), zeros after each row's end
+            q, k, v = (pad_sequence([rows[i] for i in group], batch_first=True).transpose(1, 2)
+                       for rows in (rows_q, rows_k, rows_v))
         out, _ = sdpa_attention_forward(module, q, k, v, None, *args, **kwargs)  # (rows, longest, heads, dim)
-        for i, row_out in zip(group, out.unbind(0)):
-            outputs[i] = row_out[:plan.sizes[i]]
+        outputs.append(out[0] if kept is None else out.flatten(0, 1).index_select(0, kept))
     for i, start, end in plan.masked:
-        out, _ = sdpa_attention_forward(module, rows_q[i], rows_k[i], rows_v[i],
-                                        attention_mask[..., start:end, start:end], *args, **kwargs)
-        outputs[i] = out[0]
-    return torch.cat(outputs).unsqueeze(0), None
+        q, k, v = (rows[i].transpose(0, 1).unsqueeze(0) for rows in (rows_q, rows_k, rows_v))
+        out, _ = sdpa_attention_forward(module, q, k, v, attention_mask[..., start:end, start:end], *args, **kwargs)
+        outputs.append(out[0])
+    out = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+    return (out if plan.order is None else out.index_select(0, plan.order)).unsqueeze(0), None
 
 
 _memo: dict = {}
@@ -97,8 +102,23 @@ def _plan(starts: torch.Tensor, mask: torch.Tensor | None, tokens: int) -> Plan:
     sizes = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
     plain = _plain_causal_rows(mask, bounds)
     causal = sorted((i for i, p in enumerate(plain) if p), key=lambda i: sizes[i])
+    device = starts.device
+    groups, placed = [], []
+    for group in _groups(causal, sizes):
+        longest = max(sizes[i] for i in group)
+        kept = None if len(group) == 1 else torch.cat(
+            [torch.arange(sizes[i], device=device) + j * longest for j, i in enumerate(group)])
+        groups.append((group, kept))
+        placed += group
     masked = [(i, bounds[i], bounds[i + 1]) for i, p in enumerate(plain) if not p]
-    plan = Plan(sizes, _groups(causal, sizes), masked)
+    placed += [i for i, _, _ in masked]
+    order = None
+    if placed != sorted(placed):
+        # the pack position of each output token, inverted: for each pack position, its output place
+        where = torch.cat([torch.arange(bounds[i], bounds[i + 1], device=device) for i in placed])
+        order = torch.empty_like(where)
+        order[where] = torch.arange(len(where), device=device)
+    plan = Plan(sizes, groups, masked, order)
     _memo.update(starts=weakref.ref(starts), mask=(lambda: None) if mask is None else weakref.ref(mask), plan=plan)
     return plan
 
