@@ -13,11 +13,11 @@ flash-attention is not installed, CPUs included.
 How: rows whose block of the model's mask is the plain causal triangle are sorted by length and
 cut into groups of similar length; each group runs as one causal SDPA call on its rows padded at
 the end to the group's longest. Under a causal mask a row's real tokens never see the padding that
-follows them, and the padded positions' outputs are dropped, so this is exact; the padding costs at
-most a bounded share more attention work than the rows alone (WASTE, FLOOR), and one call per group
-instead of per row is what keeps many short rows cheap. A row with any other block (a sliding window shorter than the
-row, chunks) runs alone with its block of the mask. Tested against the rows run one by one
-(tests/unit/train/test_padding_free.py).
+follows them, and the padded positions' outputs are dropped, so this is exact. The padding costs a
+bounded share more attention work than the rows alone (WASTE, FLOOR), and one call per group
+instead of per row is what keeps many short rows cheap. A row with any other block (a sliding
+window shorter than the row, chunks) runs alone with its block of the mask. Tested against the
+rows run one by one (tests/unit/train/test_padding_free.py).
 
 Layer: train; imports torch and transformers only.
 """
