@@ -44,7 +44,7 @@ def run_sft(recipe: Recipe, overwrite: bool = False, callbacks=(), resume: bool 
     # under FSDP2 with cpu_ram_efficient_loading only rank 0 reads the weights (finetune/distributed.py)
     model = distributed.load_base(lambda: load_model(recipe.model), checked.config, recipe.model)
     balancing.apply_aux_loss(model, aux_coef, checked.balancing)  # the same config fields as DPO sets
-    packed_attention.use_for_padding_free(model, args.padding_free)  # SDPA row by row, not over the whole pack
+    packed_attention.use_for_padding_free(model, packed_attention.packs_rows(args))  # SDPA within rows, not the pack
     with staging.claimed(rundir, recipe):
         # TRL wraps the model in LoRA inside the trainer's constructor, which also creates the
         # checkpoint folder: hence inside `claimed`, which removes the staging again on failure.

@@ -3,13 +3,13 @@
 TRL's collator with `padding_free=True` concatenates a batch's rows into one sequence with
 position ids restarting per row and no attention mask; transformers 5 then builds a block-diagonal
 causal mask from the position ids (sdpa and eager) when no cache is passed (TRL's SFTTrainer sets
-use_cache=False in compute_loss; with a cache transformers skips that detection and the rows
-would see each other), so no token attends across two rows. finetune's own SDPA variant
+use_cache=False in compute_loss; with a cache transformers skips that detection and the rows would
+see each other), so no token attends across two rows. finetune's own SDPA variant
 (finetune/train/packed_attention.py, what padding-free SFT runs on an SDPA model) reads the row
-boundaries TRL's collator passes instead and attends row by row. These tests prove it on tiny random models, dense and MoE: every row's per-token losses and the summed
-gradients equal those of the rows run one by one; the router aux loss over the packed batch
-equals the padded batch's with its attention mask (real tokens only); routing capture counts the
-same tokens.
+boundaries TRL's collator passes instead and attends row by row. These tests prove it on tiny random
+models, dense and MoE: every row's per-token losses and the summed gradients equal those of the rows
+run one by one; the router aux loss over the packed batch equals the padded batch's with its
+attention mask (real tokens only); routing capture counts the same tokens.
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ def test_padding_free_batch_equals_rows_one_by_one(kind, attn, rows, monkeypatch
     elif attn != "sdpa":
         assert packed_attention.use_for_padding_free(model, True)
         spy = packed_attention.packed_rows_sdpa
-        monkeypatch.setattr(packed_attention, "packed_rows_sdpa", lambda *a, **k: calls.append("cu_seq_lens_q" in k) or spy(*a, **k))
+        monkeypatch.setattr(packed_attention, "packed_rows_sdpa",
+                            lambda *a, **k: calls.append("cu_seq_lens_q" in k) or spy(*a, **k))
         packed_attention.register()  # the spy in its place
     collate = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
     batch = collate([{"input_ids": r} for r in rows])
@@ -158,3 +159,16 @@ def test_short_rows_share_one_sdpa_call_and_long_rows_keep_their_own():
     sizes = [20] * 14 + [150, 200]
     groups = packed_attention._groups(sorted(range(16), key=lambda i: sizes[i]), sizes)
     assert [sorted(sizes[i] for i in g) for g in groups] == [[20] * 14, [150], [200]]
+
+
+def test_bfd_packing_also_attends_within_rows():
+    """TRL turns padding_free on for BFD packing; the row-by-row SDPA follows the same rule."""
+    from trl import SFTConfig
+
+    def args(**kw):
+        return SFTConfig(output_dir="unused", use_cpu=True, bf16=False, report_to="none", **kw)
+
+    assert packed_attention.packs_rows(args(padding_free=True))
+    assert packed_attention.packs_rows(args(packing=True))  # bfd is TRL's default strategy
+    assert not packed_attention.packs_rows(args(packing=True, packing_strategy="wrapped"))
+    assert not packed_attention.packs_rows(args())
