@@ -42,6 +42,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--full", action="store_true", help="whole runs of the recipe as shipped")
     parser.add_argument("--only", default="", help="comma-separated words: run the settings whose name holds one")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a recipe override applied to every setting (as `finetune sft --set`)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     settings = {name: extra for name, extra in SETTINGS.items()
@@ -53,7 +55,7 @@ def main() -> None:
             for index, (name, extra) in enumerate(settings.items()):
                 out = Path(tmp) / f"repeat{repeat}-setting{index}"
                 short = [] if args.full else [f"sft.max_steps={args.steps}", "data.eval=[]", "sft.save_strategy=no"]
-                recipe = read_recipe("recipes/tiny-moe/sft.yaml", [f"output_dir={out}", *short, *extra])
+                recipe = read_recipe("recipes/tiny-moe/sft.yaml", [f"output_dir={out}", *short, *args.set, *extra])
                 counter = TokenCounter()
                 whole_pack = "whole pack" in name
                 original = packed_attention.use_for_padding_free
