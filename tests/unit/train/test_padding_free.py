@@ -172,3 +172,38 @@ def test_bfd_packing_also_attends_within_rows():
     assert packed_attention.packs_rows(args(packing=True))  # bfd is TRL's default strategy
     assert not packed_attention.packs_rows(args(packing=True, packing_strategy="wrapped"))
     assert not packed_attention.packs_rows(args())
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_within_rows_attention_under_gradient_checkpointing(reentrant, monkeypatch):
+    """The real recipes train with gradient checkpointing (TRL's default use_reentrant=False; True where
+    TRL forces it, PEFT under ZeRO-3): the recomputed forward must find the same rows as the first one
+    (the plan is memoized per forward) and give the gradients of a run without checkpointing."""
+    model = build_model("mixtral", vocab_size=64, attn_implementation="sdpa").float().train()
+    assert packed_attention.use_for_padding_free(model, True)
+    monkeypatch.setattr(packed_attention, "FLOOR", 0)  # a padded group of 3 rows, as in SIMILAR's test
+    spy, calls = packed_attention.packed_rows_sdpa, []
+    monkeypatch.setattr(packed_attention, "packed_rows_sdpa",
+                        lambda *a, **k: calls.append(len(packed_attention._plan(k["cu_seq_lens_q"], a[4],
+                                                                                a[1].shape[2]).groups))
+                        or spy(*a, **k))
+    packed_attention.register()
+    batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)([{"input_ids": r} for r in SIMILAR])
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+
+    def gradients():
+        model.zero_grad()
+        calls.clear()
+        model(**inputs, labels=batch["labels"], use_cache=False).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = gradients()
+    assert calls == [3] * model.config.num_hidden_layers  # one forward, groups 3 | 7, 8, 8 | 9
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    if reentrant:
+        model.enable_input_require_grads()  # what PEFT does for reentrant checkpointing
+    checkpointed = gradients()
+    assert calls == [3] * (2 * model.config.num_hidden_layers)  # the forward, then each layer recomputed
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
