@@ -21,6 +21,8 @@ one line each:
   log_peak_memory(trainer), adapter_state_dict(trainer)   on every rank after training: the
                          rank's peak host RSS; the adapter tensors gathered from their shards
                          (FSDP2 DTensors, ZeRO-3 partitions), for rank 0 to write.
+  finish()               at the end of every command (finetune/cli/): the ranks wait for each
+                         other, then take the process group down.
 
 Tests: tests/e2e/test_distributed.py (2 processes on CPU, gloo; tests/cpu_launch.py is the shim
 that lets accelerate run FSDP2 and ZeRO-3 on CPU processes).
@@ -238,3 +240,18 @@ def log_peak_memory(trainer) -> float:
     log.info("rank %d/%d: peak host RSS %.3f GiB", trainer.args.process_index, trainer.args.world_size, peak,
              extra=PER_RANK)
     return peak
+
+
+def finish() -> None:
+    """End of a command that ran under a launcher: every rank waits for the others (rank 0 writes the
+    run while the rest have returned), then takes its process group down, as torch's docs ask.
+
+    Why: a process group left to the interpreter's exit can abort its rank (SIGABRT, "terminate
+    called without an active exception": gloo's worker threads still hold tensors while Python shuts
+    down; pytorch/pytorch#179291 proposed an atexit fix and was abandoned). Seen once here in a
+    2-rank ZeRO-3 test, after training. The launcher then kills every other rank, rank 0 among them
+    while it may still be writing the run. Only on a normal return: after a failure the failing rank's
+    exit code makes the launcher stop the others, and a barrier there could wait for a dead rank."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

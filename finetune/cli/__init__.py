@@ -209,7 +209,12 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging(args.quiet)
     try:
         with signals.handled():
-            return dispatch(args)
+            code = dispatch(args)
+            if "torch" in sys.modules:  # a command that loaded torch may have joined a process group
+                from finetune import distributed  # imported here: `finetune --help` loads no torch
+
+                distributed.finish()
+            return code
     except signals.Interrupted as exc:
         if os.environ.get("RANK", "0") == "0":  # one message per job, not one per rank
             print(interrupted_message(exc, argv), file=sys.stderr, flush=True)
