@@ -44,7 +44,6 @@ def run_sft(recipe: Recipe, overwrite: bool = False, callbacks=(), resume: bool 
     # under FSDP2 with cpu_ram_efficient_loading only rank 0 reads the weights (finetune/distributed.py)
     model = distributed.load_base(lambda: load_model(recipe.model), checked.config, recipe.model)
     balancing.apply_aux_loss(model, aux_coef, checked.balancing)  # the same config fields as DPO sets
-    packed_attention.use_for_padding_free(model, packed_attention.packs_rows(args))  # SDPA within rows, not the pack
     with staging.claimed(rundir, recipe):
         # TRL wraps the model in LoRA inside the trainer's constructor, which also creates the
         # checkpoint folder: hence inside `claimed`, which removes the staging again on failure.
@@ -59,6 +58,9 @@ def run_sft(recipe: Recipe, overwrite: bool = False, callbacks=(), resume: bool 
             peft_config=lora_config(checked.targets),
             callbacks=[NonFiniteGuard(), *callbacks],
         )
+        # SDPA within rows, not over the pack, when TRL's collator packs: its own decision, which also
+        # covers BFD packing (it turns padding_free on inside the constructor)
+        packed_attention.use_for_padding_free(model, trainer.padding_free)
         counts = wrap.finish_wrap(trainer, checked.targets, recipe.lora.expert_path)
         wrap.attach_routing_metrics(trainer, rundir)
         wrap.attach_watchers(trainer, recipe, rundir, tokenizer)

@@ -156,12 +156,6 @@ def register() -> None:
     AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
-def packs_rows(args) -> bool:
-    """Whether SFTTrainer's collator will pack rows with these SFTConfig arguments: padding_free, or
-    BFD packing, which turns padding_free on inside the trainer (trl 1.16 SFTTrainer.__init__)."""
-    return bool(args.padding_free or (args.packing and args.packing_strategy in {"bfd", "bfd_split"}))
-
-
 def use_for_padding_free(model, padding_free: bool) -> bool:
     """Switch a model that runs SDPA to NAME for padding-free training; say so. Returns whether it switched.
 

@@ -114,17 +114,25 @@ def test_aux_loss_and_routing_count_only_real_tokens():
     torch.testing.assert_close(counts_packed, counts_padded)
 
 
-@pytest.mark.parametrize("padding_free", [True, False])
-def test_the_run_reports_the_padding_it_fed(tmp_path, tiny_mixtral, sft_file, padding_free):
-    """SFT is padding-free by default; metrics.json and the summary say how many padding tokens were fed."""
-    extra = {} if padding_free else {"sft": {"padding_free": False}}
+@pytest.mark.parametrize("sft, packs", [({}, True), ({"padding_free": False}, False),
+                                        # TRL turns padding_free on for BFD packing, its default strategy
+                                        ({"padding_free": False, "packing": True}, True),
+                                        ({"padding_free": False, "packing": True, "packing_strategy": "wrapped"}, False)])
+def test_the_run_reports_the_padding_it_fed(tmp_path, tiny_mixtral, sft_file, sft, packs, monkeypatch):
+    """SFT is padding-free by default; metrics.json and the summary say how many padding tokens were fed.
+    The run attends within rows exactly when TRL's collator packs them."""
+    switched = []
+    spy = packed_attention.use_for_padding_free
+    monkeypatch.setattr(packed_attention, "use_for_padding_free", lambda m, on: switched.append(on) or spy(m, on))
+    extra = {"sft": sft} if sft else {}
     recipe = read_recipe(recipe_file(tmp_path, **sft_recipe(tmp_path, tiny_mixtral, sft_file, **extra)))
     out = run_sft(recipe)
     metrics = json.loads((out / "metrics.json").read_text())
+    assert switched == [packs]
     assert metrics["tokens_fed"] > 0
-    if padding_free:
+    if packs:
         assert metrics["padding_tokens"] == 0
-    else:
+    elif "packing" not in sft:
         assert 0 < metrics["padding_tokens"] < metrics["tokens_fed"]
 
 
@@ -159,19 +167,6 @@ def test_short_rows_share_one_sdpa_call_and_long_rows_keep_their_own():
     sizes = [20] * 14 + [150, 200]
     groups = packed_attention._groups(sorted(range(16), key=lambda i: sizes[i]), sizes)
     assert [sorted(sizes[i] for i in g) for g in groups] == [[20] * 14, [150], [200]]
-
-
-def test_bfd_packing_also_attends_within_rows():
-    """TRL turns padding_free on for BFD packing; the row-by-row SDPA follows the same rule."""
-    from trl import SFTConfig
-
-    def args(**kw):
-        return SFTConfig(output_dir="unused", use_cpu=True, bf16=False, report_to="none", **kw)
-
-    assert packed_attention.packs_rows(args(padding_free=True))
-    assert packed_attention.packs_rows(args(packing=True))  # bfd is TRL's default strategy
-    assert not packed_attention.packs_rows(args(packing=True, packing_strategy="wrapped"))
-    assert not packed_attention.packs_rows(args())
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
